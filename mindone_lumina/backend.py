@@ -1,0 +1,135 @@
+"""Kernels that differ between Ascend and the portable (CPU) path, behind one capability check.
+
+Every model file calls these functions and nothing else backend-specific. A Cell decides once, at construction, whether
+it uses fused kernels (``use_fused_kernels()``) and stores the answer as a Python constant, so graph mode folds the
+branch away. The portable path is what CI tests; the fused path runs only on Ascend (see README, "Ascend vs CPU").
+
+Set ``MINDONE_LUMINA_PORTABLE=1`` to force the portable ops on Ascend (useful to bisect a numeric difference).
+"""
+
+import math
+import os
+
+import mindspore as ms
+from mindspore import mint, ops
+
+_FA_DTYPES = (ms.float16, ms.bfloat16)
+_MASKED = -1e30  # exp underflows to exactly 0, like torch's -inf, without inf - inf = nan on fully masked rows
+
+
+def device_target() -> str:
+    return ms.get_context("device_target")
+
+
+def use_fused_kernels() -> bool:
+    """The one capability check: fused Ascend kernels (flash attention, RMSNorm) are used only on Ascend."""
+    return device_target() == "Ascend" and os.environ.get("MINDONE_LUMINA_PORTABLE", "0") != "1"
+
+
+def check_dtype_supported(dtype) -> None:
+    """bf16 matmul has no CPU kernel in MindSpore 2.10; fail early with a message instead of deep inside a graph."""
+    if dtype == ms.bfloat16 and device_target() == "CPU":
+        raise ValueError("bfloat16 compute is Ascend-only (MindSpore has no bf16 MatMul on CPU); use fp32 or fp16")
+
+
+def dtype_from_name(name: str):
+    table = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(table)}")
+    return table[name]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Normalisation
+# ------------------------------------------------------------------------------------------------------------------
+def rms_norm(x, weight, eps: float, fused: bool = False):
+    """LLaMA RMSNorm as the Lumina reference: normalise in fp32, cast back, then multiply by the weight."""
+    if fused:
+        return ops.rms_norm(x, weight, eps)[0]
+    x32 = x.astype(ms.float32)
+    y = x32 * ops.rsqrt(mint.mean(x32 * x32, dim=-1, keepdim=True) + eps)
+    return y.astype(x.dtype) * weight
+
+
+def layer_norm(x, weight, bias, eps: float, fused: bool = False):
+    """LayerNorm over the last axis, statistics in fp32 (``weight``/``bias`` may be None)."""
+    if fused:
+        y = mint.nn.functional.layer_norm(x.astype(ms.float32), (x.shape[-1],), None, None, eps)
+    else:
+        x32 = x.astype(ms.float32)
+        mean = mint.mean(x32, dim=-1, keepdim=True)
+        var = mint.mean(mint.square(x32 - mean), dim=-1, keepdim=True)
+        y = (x32 - mean) * ops.rsqrt(var + eps)
+    y = y.astype(x.dtype)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def gelu_tanh(x, fused: bool = False):
+    """GELU with the tanh approximation (GeluExt has no CPU kernel)."""
+    if fused:
+        return mint.nn.functional.gelu(x, approximate="tanh")
+    return 0.5 * x * (1.0 + mint.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Attention
+# ------------------------------------------------------------------------------------------------------------------
+def attention(q, k, v, key_mask, scale: float, fused: bool = False):
+    """Scaled dot-product attention with grouped kv heads.
+
+    Args:
+        q: (B, L, N, D) queries.
+        k, v: (B, S, Nkv, D) keys and values; N must be a multiple of Nkv (query head h uses kv head h // (N // Nkv)).
+        key_mask: (B, S) bool, True = attend, or None for no mask.
+        scale: softmax scale (a Python float, a graph constant).
+        fused: use Ascend ``flash_attention_score``.
+
+    Returns:
+        (B, L, N, D) in the dtype of ``q``.
+    """
+    if fused:
+        return _flash_attention(q, k, v, key_mask, scale)
+    n, n_kv = q.shape[2], k.shape[2]
+    if n != n_kv:
+        k = _repeat_kv(k, n // n_kv)  # (B, S, N, D)
+        v = _repeat_kv(v, n // n_kv)
+    q = mint.permute(q, (0, 2, 1, 3))  # (B, N, L, D)
+    k = mint.permute(k, (0, 2, 3, 1))  # (B, N, D, S)
+    v = mint.permute(v, (0, 2, 1, 3))  # (B, N, S, D)
+    scores = mint.matmul(q, k).astype(ms.float32) * scale  # (B, N, L, S); softmax in fp32 as torch SDPA does
+    if key_mask is not None:
+        keep = key_mask.astype(ms.float32)[:, None, None, :]  # (B, 1, 1, S)
+        scores = scores + (1.0 - keep) * _MASKED  # additive, as FullLike/masked_fill have no CPU kernel
+    probs = mint.nn.functional.softmax(scores, dim=-1).astype(v.dtype)
+    return mint.permute(mint.matmul(probs, v), (0, 2, 1, 3))  # (B, L, N, D)
+
+
+def _repeat_kv(x, rep: int):
+    """(B, S, Nkv, D) -> (B, S, Nkv * rep, D), each kv head repeated ``rep`` times in place (repeat-interleave)."""
+    b, s, n_kv, d = x.shape
+    return mint.broadcast_to(x[:, :, :, None, :], (b, s, n_kv, rep, d)).reshape(b, s, n_kv * rep, d)
+
+
+def _flash_attention(q, k, v, key_mask, scale: float):
+    """Ascend FlashAttentionScore: BSND layout, fp16/bf16 only, native GQA, mask True = discard."""
+    dtype = q.dtype
+    if dtype not in _FA_DTYPES:
+        q, k, v = q.astype(ms.float16), k.astype(ms.float16), v.astype(ms.float16)
+    b, s_q, n, d = q.shape
+    s_k = k.shape[1]
+    d_pad = (d + 15) // 16 * 16  # FA wants head_dim % 16 == 0; zero columns change no dot product (scale is explicit)
+    if d_pad != d:
+        pad = (0, d_pad - d)
+        q, k, v = mint.nn.functional.pad(q, pad), mint.nn.functional.pad(k, pad), mint.nn.functional.pad(v, pad)
+    attn_mask = None
+    if key_mask is not None:
+        attn_mask = mint.logical_not(key_mask.astype(ms.bool_))[:, None, None, :]
+        attn_mask = mint.broadcast_to(attn_mask, (b, 1, s_q, s_k)).astype(ms.uint8)
+    out = ops.flash_attention_score(q, k, v, n, attn_mask=attn_mask, scalar_value=scale, input_layout="BSND")
+    if d_pad != d:
+        out = out[..., :d]
+    return out.astype(dtype)

@@ -1,0 +1,57 @@
+"""Small Cells shared by several model families. Parameter names follow PyTorch (``weight``/``bias``) so that
+checkpoints map by identity; the arithmetic is in ``backend``."""
+
+import numpy as np
+
+from mindspore import Parameter, Tensor, nn
+
+from . import backend
+
+
+def linear(in_dim: int, out_dim: int, bias: bool = True) -> nn.Dense:
+    """``nn.Dense`` with a torch-layout (out, in) weight; initial values come from a checkpoint or ``init_weights``."""
+    return nn.Dense(in_dim, out_dim, has_bias=bias, weight_init="xavier_uniform", bias_init="zeros")
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis with optional affine ``weight``/``bias`` (statistics in fp32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.affine = affine
+        self.fused = backend.use_fused_kernels()
+        if affine:
+            self.weight = Parameter(Tensor(np.ones(dim, np.float32)))
+            self.bias = Parameter(Tensor(np.zeros(dim, np.float32)))
+
+    def construct(self, x):
+        if self.affine:
+            return backend.layer_norm(x, self.weight, self.bias, self.eps, self.fused)
+        return backend.layer_norm(x, None, None, self.eps, self.fused)
+
+
+class RMSNorm(nn.Cell):
+    """LLaMA-style RMSNorm: ``norm(x.float()).type_as(x) * weight``."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.fused = backend.use_fused_kernels()
+        self.weight = Parameter(Tensor(np.ones(dim, np.float32)))
+
+    def construct(self, x):
+        return backend.rms_norm(x, self.weight, self.eps, self.fused)
+
+
+def cast_parameters(cell: nn.Cell, dtype) -> nn.Cell:
+    """Store every parameter of ``cell`` in ``dtype`` (the model then computes in that dtype)."""
+    backend.check_dtype_supported(dtype)
+    for p in cell.get_parameters():
+        if p.dtype != dtype:
+            p.set_dtype(dtype)
+    return cell
+
+
+def parameter_count(cell: nn.Cell) -> int:
+    return int(sum(np.prod(p.shape) for p in cell.get_parameters()))

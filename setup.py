@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mindone-lumina",
+    version="0.1.0",
+    description="Lumina-Next (Next-DiT, Gemma-2B, SDXL-VAE, flow matching) in MindSpore for Ascend and CPU",
+    packages=find_packages(include=["mindone_lumina", "mindone_lumina.*"]),
+    package_data={"mindone_lumina": ["assets/**/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "mindspore==2.10.0",
+        "mindone==0.5.0",
+        "transformers==4.57.1",
+        "numpy<2",
+        "pillow",
+        "safetensors",
+        "huggingface-hub",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        # The PyTorch reference. Install torch==2.13.0 (CPU build) *before* this extra so pip never resolves a CUDA build.
+        "test": ["torch==2.13.0", "diffusers==0.35.2", "pytest", "ruff==0.17.6", "tokenizers"],
+    },
+)
