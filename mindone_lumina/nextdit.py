@@ -24,6 +24,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn
 
 from . import backend, rope
+from .convert import RuleTable
 from .layers import LayerNorm, RMSNorm, linear
 
 
@@ -385,3 +386,52 @@ def forward_with_cfg(model, x, t, cap_feats, cap_mask, cfg_scale: float, scaling
     out = forward(model, mint.cat([half, half], dim=0), t, cap_feats, cap_mask, scaling)
     guided = cfg_combine(out, cfg_scale, guided_channels)
     return mint.cat([guided, guided], dim=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checkpoint layouts: original Lumina-T2X names are the project's names; diffusers ``LuminaNextDiT2DModel`` maps
+# by this table (spec section 7). diffusers stores wq and q_norm twice (attn1 and attn2); the copies must agree.
+# ------------------------------------------------------------------------------------------------------------------
+DIFFUSERS_RULES = RuleTable(
+    "nextdit-diffusers",
+    (
+        ("pad_token", ("pad_token",)),
+        ("x_embedder.weight", ("patch_embedder.proj.weight",)),
+        ("x_embedder.bias", ("patch_embedder.proj.bias",)),
+        ("t_embedder.mlp.0.weight", ("time_caption_embed.timestep_embedder.linear_1.weight",)),
+        ("t_embedder.mlp.0.bias", ("time_caption_embed.timestep_embedder.linear_1.bias",)),
+        ("t_embedder.mlp.2.weight", ("time_caption_embed.timestep_embedder.linear_2.weight",)),
+        ("t_embedder.mlp.2.bias", ("time_caption_embed.timestep_embedder.linear_2.bias",)),
+        ("cap_embedder.0.weight", ("time_caption_embed.caption_embedder.0.weight",)),
+        ("cap_embedder.0.bias", ("time_caption_embed.caption_embedder.0.bias",)),
+        ("cap_embedder.1.weight", ("time_caption_embed.caption_embedder.1.weight",)),
+        ("cap_embedder.1.bias", ("time_caption_embed.caption_embedder.1.bias",)),
+        ("layers.{i}.attention.gate", ("layers.{i}.gate",)),
+        ("layers.{i}.adaLN_modulation.1.weight", ("layers.{i}.norm1.linear.weight",)),
+        ("layers.{i}.adaLN_modulation.1.bias", ("layers.{i}.norm1.linear.bias",)),
+        ("layers.{i}.attention_norm1.weight", ("layers.{i}.norm1.norm.weight",)),
+        ("layers.{i}.attention_norm2.weight", ("layers.{i}.norm2.weight",)),
+        ("layers.{i}.ffn_norm1.weight", ("layers.{i}.ffn_norm1.weight",)),
+        ("layers.{i}.ffn_norm2.weight", ("layers.{i}.ffn_norm2.weight",)),
+        ("layers.{i}.attention_y_norm.weight", ("layers.{i}.norm1_context.weight",)),
+        ("layers.{i}.attention.wq.weight", ("layers.{i}.attn1.to_q.weight", "layers.{i}.attn2.to_q.weight")),
+        ("layers.{i}.attention.wk.weight", ("layers.{i}.attn1.to_k.weight",)),
+        ("layers.{i}.attention.wv.weight", ("layers.{i}.attn1.to_v.weight",)),
+        ("layers.{i}.attention.wk_y.weight", ("layers.{i}.attn2.to_k.weight",)),
+        ("layers.{i}.attention.wv_y.weight", ("layers.{i}.attn2.to_v.weight",)),
+        ("layers.{i}.attention.wo.weight", ("layers.{i}.attn2.to_out.0.weight",)),
+        ("layers.{i}.attention.q_norm.weight", ("layers.{i}.attn1.norm_q.weight", "layers.{i}.attn2.norm_q.weight")),
+        ("layers.{i}.attention.q_norm.bias", ("layers.{i}.attn1.norm_q.bias", "layers.{i}.attn2.norm_q.bias")),
+        ("layers.{i}.attention.k_norm.weight", ("layers.{i}.attn1.norm_k.weight",)),
+        ("layers.{i}.attention.k_norm.bias", ("layers.{i}.attn1.norm_k.bias",)),
+        ("layers.{i}.attention.ky_norm.weight", ("layers.{i}.attn2.norm_k.weight",)),
+        ("layers.{i}.attention.ky_norm.bias", ("layers.{i}.attn2.norm_k.bias",)),
+        ("layers.{i}.feed_forward.w1.weight", ("layers.{i}.feed_forward.linear_1.weight",)),
+        ("layers.{i}.feed_forward.w2.weight", ("layers.{i}.feed_forward.linear_2.weight",)),
+        ("layers.{i}.feed_forward.w3.weight", ("layers.{i}.feed_forward.linear_3.weight",)),
+        ("final_layer.adaLN_modulation.1.weight", ("norm_out.linear_1.weight",)),
+        ("final_layer.adaLN_modulation.1.bias", ("norm_out.linear_1.bias",)),
+        ("final_layer.linear.weight", ("norm_out.linear_2.weight",)),
+        ("final_layer.linear.bias", ("norm_out.linear_2.bias",)),
+    ),
+)
