@@ -78,7 +78,7 @@ def gelu_tanh(x, fused: bool = False):
 # ------------------------------------------------------------------------------------------------------------------
 # Attention
 # ------------------------------------------------------------------------------------------------------------------
-def attention(q, k, v, key_mask, scale: float, fused: bool = False):
+def attention(q, k, v, key_mask, scale: float, fused: bool = False, attn_mask=None):
     """Scaled dot-product attention with grouped kv heads.
 
     Args:
@@ -87,12 +87,13 @@ def attention(q, k, v, key_mask, scale: float, fused: bool = False):
         key_mask: (B, S) bool, True = attend, or None for no mask.
         scale: softmax scale (a Python float, a graph constant).
         fused: use Ascend ``flash_attention_score``.
+        attn_mask: optional (B or 1, 1, L, S) bool, True = attend (e.g. a causal mask), combined with ``key_mask``.
 
     Returns:
         (B, L, N, D) in the dtype of ``q``.
     """
     if fused:
-        return _flash_attention(q, k, v, key_mask, scale)
+        return _flash_attention(q, k, v, key_mask, scale, attn_mask)
     n, n_kv = q.shape[2], k.shape[2]
     if n != n_kv:
         k = _repeat_kv(k, n // n_kv)  # (B, S, N, D)
@@ -104,6 +105,8 @@ def attention(q, k, v, key_mask, scale: float, fused: bool = False):
     if key_mask is not None:
         keep = key_mask.astype(ms.float32)[:, None, None, :]  # (B, 1, 1, S)
         scores = scores + (1.0 - keep) * _MASKED  # additive, as FullLike/masked_fill have no CPU kernel
+    if attn_mask is not None:
+        scores = scores + (1.0 - attn_mask.astype(ms.float32)) * _MASKED  # (B|1, 1, L, S) broadcast
     probs = mint.nn.functional.softmax(scores, dim=-1).astype(v.dtype)
     return mint.permute(mint.matmul(probs, v), (0, 2, 1, 3))  # (B, L, N, D)
 
@@ -114,7 +117,7 @@ def _repeat_kv(x, rep: int):
     return mint.broadcast_to(x[:, :, :, None, :], (b, s, n_kv, rep, d)).reshape(b, s, n_kv * rep, d)
 
 
-def _flash_attention(q, k, v, key_mask, scale: float):
+def _flash_attention(q, k, v, key_mask, scale: float, attn_mask=None):
     """Ascend FlashAttentionScore: BSND layout, fp16/bf16 only, native GQA, mask True = discard."""
     dtype = q.dtype
     if dtype not in _FA_DTYPES:
@@ -125,11 +128,12 @@ def _flash_attention(q, k, v, key_mask, scale: float):
     if d_pad != d:
         pad = (0, d_pad - d)
         q, k, v = mint.nn.functional.pad(q, pad), mint.nn.functional.pad(k, pad), mint.nn.functional.pad(v, pad)
-    attn_mask = None
+    keep = None if attn_mask is None else mint.broadcast_to(attn_mask.astype(ms.bool_), (b, 1, s_q, s_k))
     if key_mask is not None:
-        attn_mask = mint.logical_not(key_mask.astype(ms.bool_))[:, None, None, :]
-        attn_mask = mint.broadcast_to(attn_mask, (b, 1, s_q, s_k)).astype(ms.uint8)
-    out = ops.flash_attention_score(q, k, v, n, attn_mask=attn_mask, scalar_value=scale, input_layout="BSND")
+        by_key = mint.broadcast_to(key_mask.astype(ms.bool_)[:, None, None, :], (b, 1, s_q, s_k))
+        keep = by_key if keep is None else mint.logical_and(keep, by_key)
+    discard = None if keep is None else mint.logical_not(keep).astype(ms.uint8)
+    out = ops.flash_attention_score(q, k, v, n, attn_mask=discard, scalar_value=scale, input_layout="BSND")
     if d_pad != d:
         out = out[..., :d]
     return out.astype(dtype)
