@@ -380,12 +380,14 @@ def cfg_combine(out, cfg_scale: float, guided_channels: int | None = 3):
 def forward_with_cfg(model, x, t, cap_feats, cap_mask, cfg_scale: float, scaling=RopeScaling(), guided_channels=3):
     """The original ``forward_with_cfg``: the first half of ``x`` is run with captions [cond, uncond].
 
-    Returns the full batch ``[guided, guided]`` as the original does.
+    Returns the full batch as the original does: the guided channels repeated for both halves, the unguided channels
+    (channel 3 by default) as each half computed them.
     """
     half = x[: x.shape[0] // 2]
     out = forward(model, mint.cat([half, half], dim=0), t, cap_feats, cap_mask, scaling)
-    guided = cfg_combine(out, cfg_scale, guided_channels)
-    return mint.cat([guided, guided], dim=0)
+    guided = cfg_combine(out, cfg_scale, None)
+    k = out.shape[1] if guided_channels is None else guided_channels
+    return mint.cat([mint.cat([guided[:, :k], guided[:, :k]], dim=0), out[:, k:]], dim=1)
 
 
 # ------------------------------------------------------------------------------------------------------------------

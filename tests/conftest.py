@@ -1,0 +1,51 @@
+"""Shared test helpers. Parity tests compare against the PyTorch reference (torch 2.13.0, diffusers 0.35.2,
+transformers 4.57.1) with the relative Frobenius error ||ms - ref|| / ||ref||."""
+
+import os
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+
+ms.set_device("CPU")
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
+
+
+def rel_err(actual, reference) -> float:
+    actual = np.asarray(actual, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    assert actual.shape == reference.shape, (actual.shape, reference.shape)
+    return float(np.linalg.norm(actual - reference) / np.linalg.norm(reference))
+
+
+@pytest.fixture(params=list(MODES))
+def mode(request):
+    """Run the test in MindSpore graph mode and in PyNative."""
+    previous = ms.get_context("mode")
+    ms.set_context(mode=MODES[request.param])
+    yield request.param
+    ms.set_context(mode=previous)
+
+
+@pytest.fixture
+def pynative():
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    yield
+    ms.set_context(mode=previous)
+
+
+def randomize_torch_(module, seed: int = 0, std: float = 0.1):
+    """Give every parameter of a torch module a random value (norm scales around 1, the rest around 0), so that
+    zero-initialised gates, adaLN and output layers take part in the comparison."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            is_scale = p.ndim == 1 and "norm" in name and name.endswith("weight")
+            p.copy_((1.0 + 0.1 * noise) if is_scale else std * noise)
+    return module
