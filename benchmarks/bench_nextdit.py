@@ -1,0 +1,122 @@
+"""Next-DiT forward latency: MindSpore graph mode, PyNative and PyTorch eager (diffusers 0.35.2), same inputs.
+
+    python benchmarks/bench_nextdit.py [--tokens 256 1024 4096] [--repeats 5]
+
+fp32, hidden 768 / 12 layers / 12 heads / 4 kv heads, batch 1, 128-token caption. Reports the median of ``repeats``
+timed calls after one warm-up call (graph compile time separately), achieved GFLOP/s and its share of a fp32 matmul
+peak measured in the same run for each framework, and the MindSpore / PyTorch time ratio.
+"""
+
+import argparse
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+from diffusers import LuminaNextDiT2DModel
+from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+import mindspore as ms
+from mindspore import Tensor, mint
+
+from mindone_lumina import nextdit
+from mindone_lumina.convert import rename_from_project
+from mindone_lumina.loading import load_state_dict
+
+CFG = nextdit.NextDiTConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, qk_norm=True, cap_feat_dim=2048)
+CAPTION = 128
+
+
+def forward_flops(cfg: nextdit.NextDiTConfig, seq: int, cap: int) -> float:
+    """Multiply-add FLOPs (2 per MAC) of the linears and attention matmuls; norms and elementwise ops excluded."""
+    d, kv, f, y = cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_hidden, cfg.cap_feat_dim
+    per_block = seq * (2 * d * d + 2 * d * kv + 3 * d * f) + cap * 2 * y * kv  # projections and FFN
+    per_block += 2 * seq * seq * d + 2 * seq * cap * d  # QK^T and PV for self and cross attention
+    return 2.0 * cfg.n_layers * per_block
+
+
+def timed(fn, repeats):
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+def matmul_peak(repeats=5, n=2048):
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    ta, ma = torch.from_numpy(a), Tensor(a)
+    _, t_torch = timed(lambda: torch.mm(ta, ta), repeats)
+    _, t_ms = timed(lambda: mint.matmul(ma, ma).asnumpy(), repeats)
+    flops = 2.0 * n**3
+    return flops / t_torch / 1e9, flops / t_ms / 1e9
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    ms.set_device("CPU")
+    torch.set_grad_enabled(False)
+
+    torch.manual_seed(0)
+    ref = LuminaNextDiT2DModel(
+        sample_size=128, patch_size=2, in_channels=4, hidden_size=CFG.dim, num_layers=CFG.n_layers,
+        num_attention_heads=CFG.n_heads, num_kv_heads=CFG.n_kv_heads, multiple_of=CFG.multiple_of,
+        learn_sigma=True, qk_norm=True, cross_attention_dim=CFG.cap_feat_dim,
+    ).eval()  # fmt: skip
+    model = nextdit.NextDiT(CFG)
+    rng = np.random.default_rng(0)
+    state = {q.name: (0.02 * rng.standard_normal(q.shape)).astype(np.float32) for q in model.get_parameters()}
+    load_state_dict(model, state)
+    exported = rename_from_project(state, nextdit.DIFFUSERS_RULES)
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
+    rope_table = get_2d_rotary_pos_embed_lumina(CFG.head_dim, 384, 384)
+
+    peak_torch, peak_ms = matmul_peak()
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} "
+          f"threads), mindspore {ms.__version__}; fp32 matmul peak: torch {peak_torch:.1f} GFLOP/s, "
+          f"mindspore {peak_ms:.1f} GFLOP/s")  # fmt: skip
+    print(
+        "| tokens | GFLOP | PyTorch eager s | MS graph s (compile s) | MS PyNative s | graph/torch | pynative/torch "
+        "| torch GFLOP/s (% peak) | graph GFLOP/s (% peak) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for seq in args.tokens:
+        side = int(round(seq**0.5)) * 2  # square latent with seq tokens at patch 2
+        x = rng.standard_normal((1, 4, side, side)).astype(np.float32)
+        t = np.array([0.5], np.float32)
+        cap = rng.standard_normal((1, CAPTION, CFG.cap_feat_dim)).astype(np.float32)
+        mask = np.ones((1, CAPTION), np.int32)
+        mask[:, 100:] = 0
+
+        targs = [torch.from_numpy(a) for a in (x, t, cap, mask)]
+        _, t_torch = timed(
+            lambda a=targs: ref(*a, rope_table, cross_attention_kwargs={}, return_dict=False), args.repeats
+        )
+
+        margs = [Tensor(a) for a in (x, t, cap, mask)]
+        results = {}
+        for mode in (ms.GRAPH_MODE, ms.PYNATIVE_MODE):
+            ms.set_context(mode=mode)
+            results[mode] = timed(lambda a=margs: nextdit.forward(model, *a).asnumpy(), args.repeats)
+        (first_graph, t_graph), (_, t_py) = results[ms.GRAPH_MODE], results[ms.PYNATIVE_MODE]
+        flops = forward_flops(CFG, seq, CAPTION)
+        gf_torch, gf_graph = flops / t_torch / 1e9, flops / t_graph / 1e9
+        print(
+            f"| {seq} | {flops / 1e9:.0f} | {t_torch:.3f} | {t_graph:.3f} ({first_graph - t_graph:.1f}) | {t_py:.3f} "
+            f"| {t_graph / t_torch:.2f} | {t_py / t_torch:.2f} | {gf_torch:.0f} ({100 * gf_torch / peak_torch:.0f}%) "
+            f"| {gf_graph:.0f} ({100 * gf_graph / peak_ms:.0f}%) |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
