@@ -87,6 +87,8 @@ def test_progress_callback_and_step_count():
                     callback=lambda i, t, x: steps.append((i, t)))  # fmt: skip
     assert sampling.solver_steps(grid, "midpoint") == len(steps) == 29 and len(calls) == 58
     assert steps[-1] == (28, 1.0) and sampling.solver_steps(grid, "dopri5") is None
+    # the velocity (and so the time-aware RoPE switch) sees the evaluation times t0 and t0 + dt/2
+    assert calls[:4] == [grid[0], 0.5 * grid[1], grid[1], grid[1] + 0.5 * (grid[2] - grid[1])]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -176,6 +178,13 @@ def test_guidance_matches_nextdit_cfg_combine(pynative):
         ours = sampling.combine_guidance(out, 4.0, channels).asnumpy()
         theirs = nextdit.cfg_combine(out, 4.0, channels).asnumpy()
         assert np.abs(ours - theirs).max() <= 1e-6
+    # the CFG velocity wrapper on MindSpore Tensors: [x, x] in, guided half out
+    x = ms.Tensor(RNG.standard_normal((2, 4, 2, 2)).astype(np.float32))
+    rows = ms.Tensor(np.array([2, 2, 1, 1], np.float32)[:, None, None, None])  # cond = 2x, uncond = x
+    v = sampling.cfg_velocity(lambda x2, t: x2 * rows, 3.0)
+    ref = x.asnumpy() * 4.0  # u + 3 (c - u) with c = 2x, u = x on channels 0-2
+    ref[:, 3:] = 2.0 * x.asnumpy()[:, 3:]
+    assert np.abs(v(x, 0.5).asnumpy() - ref).max() <= 1e-6
 
 
 def test_cfg_velocity_batch():
