@@ -1,0 +1,548 @@
+"""The SDXL VAE (diffusers ``AutoencoderKL``) in MindSpore: encoder, decoder, posterior, tiled decoding, loading.
+
+Ported from diffusers 0.35.2 ``models/autoencoders/{autoencoder_kl,vae}.py``, ``models/resnet.py``,
+``models/{upsampling,downsampling}.py`` and ``models/unets/unet_2d_blocks.py`` (Apache-2.0, the HuggingFace team).
+Parameter names are the diffusers names, so ``DIFFUSERS_RULES`` is an identity table. Deviations, all deliberate:
+
+* Only the ``AutoencoderKL`` used by SD/SDXL: ``DownEncoderBlock2D``/``UpDecoderBlock2D``, SiLU, GroupNorm; no spatial
+  norm, no gradient checkpointing, no tiled *encoding*, no slicing (the batch is decoded in one call).
+* GroupNorm statistics and the attention softmax run in fp32 whatever the parameter dtype.
+* Tiled decoding places equal-size tiles evenly over the latent (one compiled shape) and blends every overlap with
+  linear weights that sum to one; diffusers' ``tiled_decode`` uses ragged edge tiles and crops. The two agree with the
+  untiled decode to a similar degree, not with each other.
+
+Latent convention (spec section 5): the denoiser works on ``scaling_factor * (mean - shift_factor)``;
+``latents_to_images`` decodes ``z / scaling_factor + shift_factor``.
+"""
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, mint, nn, ops
+
+from . import backend, checkpoint_io
+from .convert import RuleTable, rename_to_project
+from .layers import cast_parameters, linear
+from .loading import load_state_dict
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VAEConfig:
+    """The ``AutoencoderKL`` config fields that shape the network or the latent space (diffusers names)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    sample_size: int = 1024
+    scaling_factor: float = 0.13025
+    shift_factor: float | None = None
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels must name at least one level")
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ValueError(f"block_out_channels {c} is not divisible by norm_num_groups {self.norm_num_groups}")
+        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.scaling_factor <= 0:
+            raise ValueError(f"scaling_factor must be positive, got {self.scaling_factor}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along each axis (8 for SD/SDXL)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict) -> "VAEConfig":
+        """Build from a diffusers ``vae/config.json`` dict; refuses settings this port does not implement."""
+        if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+            raise ValueError(f"expected an AutoencoderKL config, got _class_name {config['_class_name']!r}")
+        levels = len(config.get("block_out_channels", (64,)))
+        supported = {
+            "act_fn": "silu",
+            "down_block_types": ["DownEncoderBlock2D"] * levels,
+            "up_block_types": ["UpDecoderBlock2D"] * levels,
+        }
+        for key, value in supported.items():
+            got = config.get(key, value)
+            if (list(got) if isinstance(value, list) else got) != value:
+                raise ValueError(f"unsupported AutoencoderKL setting {key}={got!r}; expected {value!r}")
+        # diffusers' own defaults for fields the file may omit; sample_size may be a (h, w) pair
+        defaults = {"block_out_channels": (64,), "layers_per_block": 1, "scaling_factor": 0.18215, "sample_size": 32}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        args = {**defaults, **{k: v for k, v in config.items() if k in fields}}
+        if isinstance(args["sample_size"], list | tuple):
+            args["sample_size"] = int(args["sample_size"][0])
+        return cls(**args)
+
+
+PRESETS = {
+    # stabilityai/sdxl-vae, the decoder of Lumina-Next (spec section 5)
+    "sdxl-vae": VAEConfig(),
+}
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tiled decoding: square tiles of ``tile`` latent pixels; neighbours share at least ``overlap`` of a tile."""
+
+    tile: int = 64
+    overlap: float = 0.25
+
+    def __post_init__(self):
+        if self.tile < 2:
+            raise ValueError(f"tile must be at least 2 latent pixels, got {self.tile}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Layers
+# ------------------------------------------------------------------------------------------------------------------
+def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+    """torch ``Conv2d(in, out, k, stride, padding=k // 2)`` (a stride-2 conv gets its padding from ``Downsample2D``)."""
+    if kernel == 1 or stride != 1:
+        return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, pad_mode="valid", has_bias=True)
+    return nn.Conv2d(in_ch, out_ch, kernel, pad_mode="pad", padding=kernel // 2, has_bias=True)
+
+
+class GroupNorm(nn.Cell):
+    """torch ``GroupNorm`` with fp32 statistics and affine (torch also computes half-precision GroupNorm in fp32)."""
+
+    def __init__(self, groups: int, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = Parameter(Tensor(np.ones(channels, np.float32)))
+        self.bias = Parameter(Tensor(np.zeros(channels, np.float32)))
+
+    def construct(self, x):
+        w, b = self.weight.astype(ms.float32), self.bias.astype(ms.float32)
+        return mint.nn.functional.group_norm(x.astype(ms.float32), self.groups, w, b, self.eps).astype(x.dtype)
+
+
+class ResnetBlock2D(nn.Cell):
+    """(GroupNorm, SiLU, conv3x3) twice plus the input, through a 1x1 conv when the width changes; no time embedding."""
+
+    def __init__(self, in_ch: int, out_ch: int, groups: int):
+        super().__init__()
+        self.norm1 = GroupNorm(groups, in_ch)
+        self.conv1 = _conv(in_ch, out_ch, 3)
+        self.norm2 = GroupNorm(groups, out_ch)
+        self.conv2 = _conv(out_ch, out_ch, 3)
+        self.use_shortcut = in_ch != out_ch
+        if self.use_shortcut:
+            self.conv_shortcut = _conv(in_ch, out_ch, 1)
+
+    def construct(self, x):
+        h = self.conv1(mint.nn.functional.silu(self.norm1(x)))  # (B, C_out, H, W)
+        h = self.conv2(mint.nn.functional.silu(self.norm2(h)))
+        if self.use_shortcut:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention2D(nn.Cell):
+    """Single-head self-attention over all pixels with a GroupNorm in front and a residual (the VAE mid-block)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = GroupNorm(groups, channels)
+        self.to_q = linear(channels, channels)
+        self.to_k = linear(channels, channels)
+        self.to_v = linear(channels, channels)
+        self.to_out = nn.CellList([linear(channels, channels)])  # diffusers' to_out.1 is a dropout
+        self.scale = 1.0 / math.sqrt(channels)
+        self.fused = backend.use_fused_kernels()
+
+    def construct(self, x):
+        b, c, h, w = x.shape
+        t = mint.permute(self.group_norm(x).reshape(b, c, h * w), (0, 2, 1))  # (B, HW, C)
+        q = self.to_q(t).reshape(b, h * w, 1, c)  # (B, HW, 1, C)
+        k = self.to_k(t).reshape(b, h * w, 1, c)
+        v = self.to_v(t).reshape(b, h * w, 1, c)
+        out = backend.attention(q, k, v, None, self.scale, self.fused).reshape(b, h * w, c)  # (B, HW, C)
+        out = mint.permute(self.to_out[0](out), (0, 2, 1)).reshape(b, c, h, w)  # (B, C, H, W)
+        return x + out
+
+
+class Downsample2D(nn.Cell):
+    """Stride-2 3x3 conv after padding one pixel on the right and bottom only (as the SD VAE was trained)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = _conv(channels, channels, 3, stride=2)
+
+    def construct(self, x):
+        return self.conv(ops.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2); mint's pad has no CPU kernel
+
+
+class Upsample2D(nn.Cell):
+    """Nearest-neighbour x2 then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = _conv(channels, channels, 3)
+
+    def construct(self, x):
+        _, _, h, w = x.shape
+        return self.conv(mint.nn.functional.interpolate(x, size=(2 * h, 2 * w), mode="nearest"))  # (B, C, 2H, 2W)
+
+
+class DownEncoderBlock2D(nn.Cell):
+    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = nn.CellList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(layers)])
+        self.downsample = downsample
+        if downsample:
+            self.downsamplers = nn.CellList([Downsample2D(out_ch)])
+
+    def construct(self, x):
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.downsample:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class UpDecoderBlock2D(nn.Cell):
+    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = nn.CellList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(layers)])
+        self.upsample = upsample
+        if upsample:
+            self.upsamplers = nn.CellList([Upsample2D(out_ch)])
+
+    def construct(self, x):
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.upsample:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class UNetMidBlock2D(nn.Cell):
+    """resnet, (attention), resnet at the lowest resolution."""
+
+    def __init__(self, channels: int, groups: int, add_attention: bool):
+        super().__init__()
+        self.resnets = nn.CellList([ResnetBlock2D(channels, channels, groups) for _ in range(2)])
+        self.add_attention = add_attention
+        if add_attention:
+            self.attentions = nn.CellList([Attention2D(channels, groups)])
+
+    def construct(self, x):
+        x = self.resnets[0](x)
+        if self.add_attention:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class Encoder(nn.Cell):
+    """(B, in_channels, H, W) image in [-1, 1] -> (B, 2 * latent_channels, H/f, W/f) posterior moments."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chs, groups, levels = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = _conv(cfg.in_channels, chs[0], 3)
+        self.down_blocks = nn.CellList(
+            [
+                DownEncoderBlock2D(chs[max(i - 1, 0)], chs[i], cfg.layers_per_block, groups, i < levels - 1)
+                for i in range(levels)
+            ]
+        )
+        self.mid_block = UNetMidBlock2D(chs[-1], groups, cfg.mid_block_add_attention)
+        self.conv_norm_out = GroupNorm(groups, chs[-1])
+        self.conv_out = _conv(chs[-1], 2 * cfg.latent_channels, 3)
+
+    def construct(self, x):
+        x = self.conv_in(x)  # (B, C0, H, W)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)  # (B, C_last, H/f, W/f)
+        return self.conv_out(mint.nn.functional.silu(self.conv_norm_out(x)))  # (B, 2 * latent, H/f, W/f)
+
+
+class Decoder(nn.Cell):
+    """(B, latent_channels, h, w) latent (already divided by the scaling factor) -> (B, out_channels, h*f, w*f)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chs, groups, levels = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = _conv(cfg.latent_channels, chs[0], 3)
+        self.mid_block = UNetMidBlock2D(chs[0], groups, cfg.mid_block_add_attention)
+        self.up_blocks = nn.CellList(
+            [
+                UpDecoderBlock2D(chs[max(i - 1, 0)], chs[i], cfg.layers_per_block + 1, groups, i < levels - 1)
+                for i in range(levels)
+            ]
+        )
+        self.conv_norm_out = GroupNorm(groups, chs[-1])
+        self.conv_out = _conv(chs[-1], cfg.out_channels, 3)
+
+    def construct(self, z):
+        x = self.mid_block(self.conv_in(z))  # (B, C_last, h, w)
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(mint.nn.functional.silu(self.conv_norm_out(x)))  # (B, out_channels, h*f, w*f)
+
+
+class DiagonalGaussian:
+    """The posterior N(mean, exp(logvar)) from encoder moments (B, 2C, h, w); logvar clamped to [-30, 20]."""
+
+    def __init__(self, moments):
+        self.mean, logvar = mint.chunk(moments, 2, dim=1)  # (B, C, h, w) each
+        self.logvar = mint.clamp(logvar, -30.0, 20.0)
+        self.std = mint.exp(0.5 * self.logvar)
+
+    def sample(self, seed: int = 0):
+        """mean + std * eps with eps drawn on the host by numpy (``mint.randn`` has no CPU kernel)."""
+        eps = np.random.default_rng(seed).standard_normal(self.mean.shape, dtype=np.float32)
+        return self.mean + self.std * Tensor(eps, dtype=self.mean.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------------------------
+class AutoencoderKL(nn.Cell):
+    """``encode(x) -> DiagonalGaussian`` and ``decode(z, tiling=None) -> image``, computing in the parameter dtype.
+
+    The encoder and decoder are separate Cells, each compiled once per input shape in graph mode; tiled decoding
+    reuses one tile shape, so it compiles once for any image size.
+    """
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        if cfg.use_quant_conv:
+            self.quant_conv = _conv(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        if cfg.use_post_quant_conv:
+            self.post_quant_conv = _conv(cfg.latent_channels, cfg.latent_channels, 1)
+
+    @property
+    def dtype(self):
+        return self.decoder.conv_in.weight.dtype
+
+    def check_images(self, x) -> None:
+        """Raise ``ValueError`` unless ``x`` is (B, in_channels, H, W) with H and W divisible by the downsampling."""
+        c, f = self.cfg.in_channels, self.cfg.downsample_factor
+        if len(x.shape) != 4 or x.shape[1] != c:
+            raise ValueError(f"images must be (B, {c}, H, W), got shape {tuple(x.shape)}")
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"image height and width must be divisible by {f}, got {x.shape[2]}x{x.shape[3]}")
+
+    def check_latents(self, z) -> None:
+        """Raise ``ValueError`` unless ``z`` is (B, latent_channels, h, w) and finite (NaN would decode to black)."""
+        c = self.cfg.latent_channels
+        if len(z.shape) != 4 or z.shape[1] != c:
+            raise ValueError(f"latents must be (B, {c}, h, w), got shape {tuple(z.shape)}")
+        arr = z.astype(ms.float32).asnumpy() if isinstance(z, Tensor) else np.asarray(z)
+        bad = int(arr.size - np.isfinite(arr).sum())
+        if bad:
+            raise ValueError(f"latents contain {bad} non-finite values (NaN/inf); the denoiser diverged or overflowed")
+
+    def encode(self, x) -> DiagonalGaussian:
+        """(B, in_channels, H, W) images in [-1, 1] -> posterior over (B, latent_channels, H/f, W/f)."""
+        self.check_images(x)
+        moments = self.encoder(x.astype(self.dtype))
+        if self.cfg.use_quant_conv:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian(moments)
+
+    def decode(self, z, tiling: Tiling | None = None):
+        """(B, latent_channels, h, w) unscaled latents -> (B, out_channels, h*f, w*f) images, about [-1, 1]."""
+        self.check_latents(z)
+        z = z.astype(self.dtype)
+        if tiling is None or (z.shape[2] <= tiling.tile and z.shape[3] <= tiling.tile):
+            return self._decode(z)
+        return self._decode_tiled(z, tiling)
+
+    def _decode(self, z):
+        if self.cfg.use_post_quant_conv:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def _decode_tiled(self, z, tiling: Tiling):
+        """Decode equal tiles one at a time and blend them on the host: memory is one tile's activations plus the
+        output image."""
+        b, _, h, w = z.shape
+        f = self.cfg.downsample_factor
+        th, tw = min(tiling.tile, h), min(tiling.tile, w)
+        rows, cols = _tile_starts(h, th, tiling.overlap), _tile_starts(w, tw, tiling.overlap)
+        row_w, col_w = _blend_weights(rows, th, f), _blend_weights(cols, tw, f)  # per tile, (th*f,) / (tw*f,)
+        out = np.zeros((b, self.cfg.out_channels, h * f, w * f), np.float32)
+        total = np.zeros((h * f, w * f), np.float32)
+        for y0, wy in zip(rows, row_w):
+            for x0, wx in zip(cols, col_w):
+                tile = self._decode(z[:, :, y0 : y0 + th, x0 : x0 + tw]).astype(ms.float32).asnumpy()
+                weight = wy[:, None] * wx[None, :]  # (th*f, tw*f)
+                ys, xs = slice(y0 * f, (y0 + th) * f), slice(x0 * f, (x0 + tw) * f)
+                out[:, :, ys, xs] += tile * weight
+                total[ys, xs] += weight
+        return Tensor(out / total).astype(self.dtype)
+
+
+def _tile_starts(size: int, tile: int, overlap: float) -> list:
+    """Starts of equal tiles covering [0, size), spaced evenly with at least ``overlap * tile`` shared pixels."""
+    if size <= tile:
+        return [0]
+    stride = max(tile - round(tile * overlap), 1)
+    n = math.ceil((size - tile) / stride) + 1
+    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+
+
+def _blend_weights(starts: list, tile: int, f: int) -> list:
+    """Per tile, a (tile*f,) weight rising linearly across the overlap with the previous tile and falling across the
+    overlap with the next one, so that two neighbours sum to one where they overlap."""
+    weights = []
+    for i, s in enumerate(starts):
+        pos = np.arange(tile * f, dtype=np.float32) + 0.5  # pixel centres within the tile
+        w = np.ones(tile * f, np.float32)
+        if i > 0:
+            rise = (starts[i - 1] + tile - s) * f  # pixels shared with the previous tile
+            w = np.minimum(w, pos / rise)
+        if i + 1 < len(starts):
+            fall = (s + tile - starts[i + 1]) * f
+            w = np.minimum(w, (tile * f - pos) / fall)
+        weights.append(w)
+    return weights
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Latents <-> images (host-side numpy at the boundary)
+# ------------------------------------------------------------------------------------------------------------------
+def decode_latents(vae: AutoencoderKL, latents, tiling: Tiling | None = None) -> np.ndarray:
+    """Denoiser-space latents (B, C, h, w) -> float32 images (B, 3, H, W) in about [-1, 1] (not clamped)."""
+    vae.check_latents(latents)
+    z = latents.astype(ms.float32).asnumpy() if isinstance(latents, Tensor) else np.asarray(latents, np.float32)
+    z = z / vae.cfg.scaling_factor + (vae.cfg.shift_factor or 0.0)
+    x = vae.decode(Tensor(z), tiling).astype(ms.float32).asnumpy()
+    if not np.isfinite(x).all():
+        raise ValueError(
+            f"the VAE decoded non-finite values in {vae.dtype}; the SDXL VAE overflows in fp16, decode in fp32"
+        )
+    return x
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 via clamp((x + 1) / 2, 0, 1), rounded as diffusers does."""
+    x = np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+    return np.round(x.transpose(0, 2, 3, 1) * 255.0).astype(np.uint8)
+
+
+def latents_to_images(vae: AutoencoderKL, latents, tiling: Tiling | None = None) -> list:
+    """Denoiser-space latents (B, C, h, w) -> list of B RGB PIL images."""
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in to_uint8(decode_latents(vae, latents, tiling))]
+
+
+def images_to_array(images) -> np.ndarray:
+    """PIL images (one size, any mode) -> float32 (B, 3, H, W) in [-1, 1]."""
+    arrays = [np.asarray(im.convert("RGB"), np.float32) for im in images]
+    sizes = sorted({a.shape[:2] for a in arrays})
+    if len(sizes) != 1:
+        raise ValueError(f"images must share one size to be encoded as a batch, got (H, W) sizes {sizes}")
+    return np.stack(arrays).transpose(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def images_to_latents(vae: AutoencoderKL, images, sample: bool = False, seed: int = 0) -> np.ndarray:
+    """Images (B, 3, H, W) in [-1, 1] (array or Tensor) or a list of PIL images -> denoiser-space latents, float32.
+
+    Uses the posterior mean, or a sample drawn with ``seed`` when ``sample`` is set.
+    """
+    if isinstance(images, list | tuple):
+        images = images_to_array(images)
+    x = images.astype(ms.float32).asnumpy() if isinstance(images, Tensor) else np.asarray(images, np.float32)
+    vae.check_images(x)
+    if not np.isfinite(x).all():
+        raise ValueError("images contain non-finite values (NaN/inf)")
+    posterior = vae.encode(Tensor(x))
+    z = posterior.sample(seed) if sample else posterior.mean
+    z = z.astype(ms.float32).asnumpy()
+    return (z - (vae.cfg.shift_factor or 0.0)) * vae.cfg.scaling_factor
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Loading (the Cells above never touch files)
+# ------------------------------------------------------------------------------------------------------------------
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def vae_folder(path: str) -> str:
+    """A diffusers ``vae/`` folder, or a pipeline folder holding one."""
+    for folder in (path, os.path.join(path, "vae")):
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            return folder
+    raise ValueError(f"{path}: no config.json here or in {os.path.join(path, 'vae')}; expected a diffusers vae folder")
+
+
+def load_config(path: str) -> VAEConfig:
+    folder = vae_folder(path)
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return VAEConfig.from_diffusers_config(json.load(f))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"cannot read {os.path.join(folder, 'config.json')}: {e}") from e
+
+
+def load_vae(path: str, dtype=ms.float32) -> AutoencoderKL:
+    """Build an ``AutoencoderKL`` from a diffusers ``vae/`` folder (config.json + safetensors), strictly."""
+    backend.check_dtype_supported(dtype)
+    folder = vae_folder(path)
+    vae = AutoencoderKL(load_config(folder))
+    weights = os.path.join(folder, WEIGHTS_NAME)
+    source = weights if os.path.isfile(weights) else folder  # else: exactly one safetensors file or a sharded index
+    names = [p.name for p in vae.get_parameters()]
+    state = rename_to_project(checkpoint_io.read_state_dict(source), DIFFUSERS_RULES, expected=names)
+    load_state_dict(vae, state, what=source)
+    return cast_parameters(vae, dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checkpoint layout: diffusers ``AutoencoderKL`` names are the project's names. ``RuleTable`` patterns hold one
+# ``{i}``, so the block index is spelled out for up to ``_MAX_LEVELS`` levels and ``{i}`` is the layer within a block.
+# ------------------------------------------------------------------------------------------------------------------
+_MAX_LEVELS = 8
+_WB = ("weight", "bias")
+_RESNET = tuple(f"{m}.{p}" for m in ("norm1", "conv1", "norm2", "conv2", "conv_shortcut") for p in _WB)
+_ATTENTION = tuple(f"{m}.{p}" for m in ("group_norm", "to_q", "to_k", "to_v", "to_out.0") for p in _WB)
+
+
+def _same(*names):
+    return tuple((n, (n,)) for n in names)
+
+
+def _diffusers_rules() -> tuple:
+    rows = []
+    for part, blocks, sampler in (("encoder", "down_blocks", "downsamplers"), ("decoder", "up_blocks", "upsamplers")):
+        rows += _same(*(f"{part}.{m}.{p}" for m in ("conv_in", "conv_norm_out", "conv_out") for p in _WB))
+        rows += _same(*(f"{part}.mid_block.resnets.{{i}}.{p}" for p in _RESNET))
+        rows += _same(*(f"{part}.mid_block.attentions.0.{p}" for p in _ATTENTION))
+        for level in range(_MAX_LEVELS):
+            rows += _same(*(f"{part}.{blocks}.{level}.resnets.{{i}}.{p}" for p in _RESNET))
+            rows += _same(*(f"{part}.{blocks}.{level}.{sampler}.0.conv.{p}" for p in _WB))
+    rows += _same(*(f"{conv}.{p}" for conv in ("quant_conv", "post_quant_conv") for p in _WB))
+    return tuple(rows)
+
+
+DIFFUSERS_RULES = RuleTable("vae-diffusers", _diffusers_rules())
