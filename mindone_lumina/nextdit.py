@@ -26,6 +26,7 @@ from mindspore import Parameter, Tensor, mint, nn
 from . import backend, rope
 from .convert import RuleTable
 from .layers import LayerNorm, RMSNorm, linear
+from .sampling import combine_guidance
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -363,29 +364,16 @@ def forward(model: NextDiT, x, t, cap_feats, cap_mask, scaling: RopeScaling = Ro
     return model(x, t, cap_feats, cap_mask, cos, sin, gain)
 
 
-def cfg_combine(out, cfg_scale: float, guided_channels: int | None = 3):
-    """Classifier-free guidance on a [cond, uncond] batch: ``u + s (c - u)`` on the first ``guided_channels``.
-
-    The original guides channels 0-2 only and keeps the conditional value on the rest (inherited from DiT "for exact
-    reproducibility"); ``guided_channels=None`` guides every channel. Returns the guided half (B/2, C, H, W).
-    """
-    half = out.shape[0] // 2
-    cond, uncond = out[:half], out[half:]
-    guided = uncond + cfg_scale * (cond - uncond)
-    if guided_channels is None or guided_channels >= out.shape[1]:
-        return guided
-    return mint.cat([guided[:, :guided_channels], cond[:, guided_channels:]], dim=1)
-
-
 def forward_with_cfg(model, x, t, cap_feats, cap_mask, cfg_scale: float, scaling=RopeScaling(), guided_channels=3):
-    """The original ``forward_with_cfg``: the first half of ``x`` is run with captions [cond, uncond].
+    """The original ``forward_with_cfg``: the first half of ``x`` is run with captions [cond, uncond], guidance on
+    the first ``guided_channels`` channels (3, as the original; None = all).
 
     Returns the full batch as the original does: the guided channels repeated for both halves, the unguided channels
     (channel 3 by default) as each half computed them.
     """
     half = x[: x.shape[0] // 2]
     out = forward(model, mint.cat([half, half], dim=0), t, cap_feats, cap_mask, scaling)
-    guided = cfg_combine(out, cfg_scale, None)
+    guided = combine_guidance(out, cfg_scale, None)  # (B/2, C, H, W)
     k = out.shape[1] if guided_channels is None else guided_channels
     return mint.cat([mint.cat([guided[:, :k], guided[:, :k]], dim=0), out[:, k:]], dim=1)
 

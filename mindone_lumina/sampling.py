@@ -299,7 +299,7 @@ def img2img_start(noise, x1, t0: float):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Classifier-free guidance (LT ``model.py`` ``forward_with_cfg``; same semantics as ``nextdit.cfg_combine``)
+# Classifier-free guidance (LT ``model.py`` ``forward_with_cfg``)
 # ------------------------------------------------------------------------------------------------------------------
 def _concat(parts, axis: int = 0):
     """Concatenate NumPy arrays, torch tensors or MindSpore Tensors."""
