@@ -1,0 +1,76 @@
+"""Encode prompts with Gemma into Lumina-Next caption features (also how training caches them).
+
+    python tools/encode_prompts.py --model DIR --prompts "a cat" "a dog" [--prompts-file F] \
+        [--negative-prompt TEXT | --no-negative] --output feats.npz [--mode graph|pynative] [--dtype fp32|fp16|bf16]
+
+DIR is a Hugging Face Gemma folder (config.json, safetensors, tokenizer files). The .npz holds ``cap_feats``
+(B, Lc, D) in the run dtype (bf16 is stored as fp32), ``cap_mask`` (B, Lc) int32 (1 = token) and ``texts`` (B,), the
+encoded strings, rows ordered [prompts..., negatives...] as ``mindone_lumina.gemma.encode_prompts`` returns them.
+"""
+
+import argparse
+import os
+
+import numpy as np
+
+import mindspore as ms
+
+from mindone_lumina.backend import dtype_from_name
+from mindone_lumina.gemma import encode_prompts, load_gemma, load_tokenizer
+
+
+def read_prompts(prompts, prompts_file) -> list:
+    """Command-line prompts, then one prompt per non-empty line of ``prompts_file``."""
+    out = list(prompts or [])
+    if prompts_file:
+        try:
+            with open(prompts_file, encoding="utf-8") as f:
+                out += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            raise ValueError(f"cannot read prompts file {prompts_file}: {e}") from e
+    if not out:
+        raise ValueError("no prompts given: pass --prompts and/or a non-empty --prompts-file")
+    return out
+
+
+def save_npz(path: str, **arrays) -> None:
+    """Write through a temporary file in the same folder and rename, so a reader never sees half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="Hugging Face Gemma folder (config, safetensors, tokenizer)")
+    p.add_argument("--prompts", nargs="*", default=[], help="prompts to encode")
+    p.add_argument("--prompts-file", help="text file with one prompt per line (empty lines skipped)")
+    neg = p.add_mutually_exclusive_group()
+    neg.add_argument("--negative-prompt", default="", help="unconditional prompt for every row (default: empty)")
+    neg.add_argument("--no-negative", action="store_true", help="encode the prompts only, without negative rows")
+    p.add_argument("--max-length", type=int, default=256, help="token limit; longer prompts are cut with a warning")
+    p.add_argument("--output", required=True, help="output .npz")
+    p.add_argument("--mode", choices=("graph", "pynative"), default="graph")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    args = p.parse_args(argv)
+
+    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+    prompts = read_prompts(args.prompts, args.prompts_file)
+    negative = None if args.no_negative else args.negative_prompt
+    tokenizer = load_tokenizer(args.model)
+    encoder = load_gemma(args.model, dtype_from_name(args.dtype))
+    feats, mask = encode_prompts(tokenizer, encoder, prompts, negative, max_length=args.max_length)
+    if feats.dtype == ms.bfloat16:
+        feats = feats.astype(ms.float32)  # numpy has no bfloat16
+    texts = np.array(prompts + ([] if negative is None else [negative] * len(prompts)))
+    save_npz(args.output, cap_feats=feats.asnumpy(), cap_mask=mask.asnumpy(), texts=texts)
+    print(f"wrote {args.output}: cap_feats {tuple(feats.shape)} {args.dtype}, cap_mask {tuple(mask.shape)}")
+
+
+if __name__ == "__main__":
+    main()
