@@ -124,9 +124,10 @@ class SafetensorsFile:
         self._start = 8 + n
         self._entries = {}  # key -> (dtype name, shape, begin, end)
         for key, e in header.items():
-            if e.get("dtype") not in _BY_CODE:
-                raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {e.get('dtype')!r}")
-            dtype, shape, (begin, end) = _BY_CODE[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
+            try:
+                dtype, shape, (begin, end) = _BY_CODE[e["dtype"]], tuple(int(n) for n in e["shape"]), e["data_offsets"]
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{path}: corrupt or unsupported header entry for {key!r}: {e!r}") from err
             if end - begin != int(np.prod(shape)) * np.dtype(DTYPES[dtype][1]).itemsize:
                 raise ValueError(f"{path}: corrupt header, tensor {key!r} {shape} {dtype} spans {end - begin} bytes")
             self._entries[key] = (dtype, shape, begin, end)

@@ -195,21 +195,25 @@ def output_files(out: str, to: str) -> str:
     raise ValueError(f"unknown output format {to!r}: expected one of {FORMATS}")
 
 
-def write_nextdit(specs: list, cfg: NextDiTConfig, out: str, to: str = "mindspore", force=False, progress=None):
-    """Write project-named specs in the ``to`` layout; returns ``(weights path, specs as written)``."""
+def layout_tensors(specs: list, to: str) -> list:
+    """Project-named specs renamed for the ``to`` layout (diffusers stores ``wq`` and ``q_norm`` twice)."""
+    if to not in FORMATS:
+        raise ValueError(f"unknown output format {to!r}: expected one of {FORMATS}")
+    return export_tensors(specs, DIFFUSERS_RULES if to == "diffusers" else None)
+
+
+def write_nextdit(written: list, cfg: NextDiTConfig, out: str, to: str = "mindspore", force=False, progress=None):
+    """Write ``layout_tensors(specs, to)`` and the layout's config file; returns the weights path."""
     path = output_files(out, to)
     side = {
         "original": os.path.join(out, "model_args.json"),
         "diffusers": os.path.join(os.path.dirname(path), "config.json"),
-    }
-    for p in (path, side.get(to)):
+    }.get(to)
+    for p in (path, side):
         if p:
             checkpoint_io.check_writable(p, force)  # refuse before any work
-    written = export_tensors(specs, DIFFUSERS_RULES if to == "diffusers" else None)
     metadata = {"format": "ms" if to == "mindspore" else "pt", "nextdit_config": json.dumps(dataclasses.asdict(cfg))}
     checkpoint_io.write_safetensors(path, written, metadata, force, progress)
-    if to == "original":
-        checkpoint_io.write_json(side[to], dataclasses.asdict(cfg), force)
-    elif to == "diffusers":
-        checkpoint_io.write_json(side[to], diffusers_config(cfg), force)
-    return path, written
+    if side:
+        checkpoint_io.write_json(side, dataclasses.asdict(cfg) if to == "original" else diffusers_config(cfg), force)
+    return path

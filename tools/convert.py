@@ -41,10 +41,11 @@ def main(argv=None):
     specs = nextdit_weights.nextdit_tensors(
         args.src, cfg, args.ema, args.dtype, allow_inexact_merge=args.allow_inexact_merge
     )
-    total = sum(s.nbytes for s in specs)
+    written = nextdit_weights.layout_tensors(specs, args.to)
+    total = sum(s.nbytes for s in written)
     start = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="convert") as bar:
-        path, written = nextdit_weights.write_nextdit(specs, cfg, args.out, args.to, args.force, bar.update)
+        path = nextdit_weights.write_nextdit(written, cfg, args.out, args.to, args.force, bar.update)
     mb, seconds = total / 1e6, time.perf_counter() - start
     print(f"wrote {path}: {len(written)} tensors, {mb:.1f} MB in {seconds:.1f} s ({mb / seconds:.0f} MB/s)")
     if args.verify:
