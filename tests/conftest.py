@@ -49,3 +49,33 @@ def randomize_torch_(module, seed: int = 0, std: float = 0.1):
             is_scale = p.ndim == 1 and "norm" in name and name.endswith("weight")
             p.copy_((1.0 + 0.1 * noise) if is_scale else std * noise)
     return module
+
+
+SENTENCES = [
+    "a small red circle in the top left on a blue background",
+    "a large green square in the center on a white background",
+    "ein kleiner roter Kreis auf blauem Hintergrund",
+    "一个红色的圆圈在蓝色的背景上",
+    "a happy dog 🐶 under the sun ☀️",
+]
+
+
+def make_tokenizer_dir(folder: str, vocab_size: int = 300, sentences=SENTENCES) -> str:
+    """A byte-level BPE trained on ``sentences``, wrapped in ``GemmaTokenizerFast`` (Gemma's special ids 0..3)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GemmaTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(sentences, trainer)
+    fast = GemmaTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.save_pretrained(folder)
+    return folder

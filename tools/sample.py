@@ -1,0 +1,122 @@
+"""Generate images from text with Lumina-Next in MindSpore.
+
+    python tools/sample.py --prompt "a red circle on a blue background"            # the bundled default model
+    python tools/sample.py --model DIR --prompt "..." --resolution 1024x1024 --steps 30 --solver midpoint --cfg 4
+
+``--model`` is a diffusers-layout folder, an original Lumina-T2X checkpoint (with ``--gemma`` and ``--vae``), or a hub
+id. PNGs carry the prompt, seed and settings in their text metadata.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+
+import numpy as np
+
+import mindspore as ms
+
+from mindone_lumina import sampling
+from mindone_lumina.pipeline import DEFAULT_MODEL, LuminaNextPipeline, SampleSettings
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Lumina-Next text-to-image (MindSpore)")
+    p.add_argument("--prompt", nargs="+", default=None, help="one or more prompts")
+    p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    p.add_argument("--negative-prompt", default="", help="unconditional prompt (default: empty, as the original)")
+    p.add_argument("--resolution", default=None, help="WIDTHxHEIGHT in pixels, multiples of 16 (default: the model's)")
+    p.add_argument("--steps", type=int, default=30, help="time-grid points as the original (30 = 29 solver steps)")
+    p.add_argument("--solver", default="midpoint", choices=sampling.SOLVERS)
+    p.add_argument("--schedule", default="shift", choices=sampling.SCHEDULES)
+    p.add_argument("--shift", type=float, default=4.0, help="time shift s of the 'shift' schedule")
+    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
+    p.add_argument("--cfg-all-channels", action="store_true", help="guide every latent channel, not only 0-2")
+    p.add_argument("--scaling", default="original", choices=["original", "always", "off"], help="RoPE extrapolation")
+    p.add_argument("--smooth-rope", action="store_true", help="the paper's smooth time-aware RoPE formula")
+    p.add_argument("--watershed", type=float, default=0.3)
+    p.add_argument("--no-proportional-attn", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder or hub id (default: the bundled model)")
+    p.add_argument("--gemma", default=None, help="Gemma folder (for an original-format --model)")
+    p.add_argument("--vae", default=None, help="SDXL-VAE folder (for an original-format --model)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--device", default="CPU", choices=["CPU", "Ascend"])
+    p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
+    p.add_argument("--out", default="outputs", help="folder for the PNGs")
+    p.add_argument("--latents", default=None, help="npz with initial noise under 'latents' (as diffusers latents=)")
+    p.add_argument("--save-latents", default=None, help="write the final latents (before decoding) to this npz")
+    return p.parse_args(argv)
+
+
+def read_prompts(args) -> list:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise ValueError(f"cannot read prompts file {args.prompts_file}: {e}") from e
+    if not prompts:
+        raise ValueError("no prompt given: use --prompt TEXT or --prompts-file FILE")
+    return prompts
+
+
+def parse_resolution(text):
+    if text is None:
+        return None, None
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError as e:
+        raise ValueError(f"--resolution must be WIDTHxHEIGHT, e.g. 1024x1024, got {text!r}") from e
+    return height, width
+
+
+def save_png(image, path: str, info: dict):
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    for key, value in info.items():
+        meta.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".png", delete=False) as tmp:
+        image.save(tmp, format="PNG", pnginfo=meta)
+    os.replace(tmp.name, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    prompts = read_prompts(args)
+    height, width = parse_resolution(args.resolution)
+    settings = SampleSettings(
+        height=height, width=width, num_steps=args.steps, solver=args.solver, schedule=args.schedule,
+        shift=args.shift, guidance_scale=args.cfg, guide_all_channels=args.cfg_all_channels, scaling=args.scaling,
+        smooth_rope=args.smooth_rope, scale_watershed=args.watershed, proportional_attn=not args.no_proportional_attn,
+    )  # fmt: skip
+    ms.set_device(args.device)
+    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+    pipe = LuminaNextPipeline.from_pretrained(args.model, args.dtype, text_encoder=args.gemma, vae=args.vae)
+    settings.validate(pipe.size_multiple)  # before any work
+    latents = None
+    if args.latents:
+        with np.load(args.latents) as data:
+            if "latents" not in data:
+                raise ValueError(f"{args.latents} has no 'latents' array (keys: {list(data.keys())})")
+            latents = data["latents"]
+
+    result = pipe(prompts, args.negative_prompt, seed=args.seed, latents=latents, settings=settings)
+    os.makedirs(args.out, exist_ok=True)
+    for i, (prompt, image) in enumerate(zip(prompts, result.images)):
+        path = os.path.join(args.out, f"{i:03d}_seed{args.seed}.png")
+        info = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": args.seed, "model": args.model}
+        save_png(image, path, {**info, "settings": vars(settings) | {"height": image.height, "width": image.width}})
+        print(f"wrote {path}")
+    if args.save_latents:
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(args.save_latents)), suffix=".npz",
+                                         delete=False) as tmp:  # fmt: skip
+            np.savez(tmp, latents=result.latents)
+        os.replace(tmp.name, args.save_latents)
+        print(f"wrote {args.save_latents}")
+
+
+if __name__ == "__main__":
+    main()
