@@ -309,6 +309,32 @@ def load_tokenizer(folder: str):
     return tokenizer
 
 
+def train_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE trained on ``texts`` as a right-padding ``GemmaTokenizerFast`` with Gemma's special ids
+    (<pad> 0, <eos> 1, <bos> 2, <unk> 3) and BOS prepended: any text encodes. For small models and tests; a real
+    Lumina-Next uses Gemma's own tokenizer (``load_tokenizer``). Save it with ``save_pretrained``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GemmaTokenizerFast
+
+    texts = list(texts)
+    if not texts or vocab_size < 260:
+        raise ValueError(f"need at least one text and vocab_size >= 260 (bytes + specials), got {vocab_size}")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = GemmaTokenizerFast(
+        tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 def read_config(folder: str) -> GemmaConfig:
     path = os.path.join(folder, "config.json")
     try:

@@ -7,6 +7,7 @@ model call of every step and every ``__call__`` at that size reuses it (RoPE tab
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,7 @@ class SampleSettings:
 class PipelineOutput:
     images: list  # PIL images
     latents: np.ndarray  # (B, C, h, w) final latents in the denoiser's space, before decoding
+    seconds: dict  # wall time of the stages: "text", "denoise", "decode"
 
 
 class LuminaNextPipeline:
@@ -141,8 +143,10 @@ class LuminaNextPipeline:
         if image is not None and not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
 
+        start = time.perf_counter()
         cap_feats, cap_mask = gemma.encode_prompts(self.tokenizer, self.text_encoder, prompts, negative_prompt)
         cap_feats = cap_feats.astype(self._dtype)
+        seconds = {"text": time.perf_counter() - start}
 
         if grid is None:
             grid = sampling.time_grid(settings.num_steps, settings.schedule, settings.shift, settings.steepness)
@@ -157,12 +161,17 @@ class LuminaNextPipeline:
             settings.guidance_scale,
             None if settings.guide_all_channels else LATENT_CHANNELS_GUIDED,
         )
+        start = time.perf_counter()
         bar = _progress(sampling.solver_steps(grid, settings.solver), progress)
         kwargs = {"atol": settings.atol, "rtol": settings.rtol} if settings.solver == "dopri5" else {}
         x = sampling.sample(velocity, x, grid, settings.solver, callback=lambda *_: bar.update(1), **kwargs)
         bar.close()
         final = x.astype(ms.float32).asnumpy()
-        return PipelineOutput(self.decode(final), final)
+        seconds["denoise"] = time.perf_counter() - start
+        start = time.perf_counter()
+        images = self.decode(final)
+        seconds["decode"] = time.perf_counter() - start
+        return PipelineOutput(images, final, seconds)
 
     # --------------------------------------------------------------------------------------------------------------
     @property

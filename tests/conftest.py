@@ -61,21 +61,8 @@ SENTENCES = [
 
 
 def make_tokenizer_dir(folder: str, vocab_size: int = 300, sentences=SENTENCES) -> str:
-    """A byte-level BPE trained on ``sentences``, wrapped in ``GemmaTokenizerFast`` (Gemma's special ids 0..3)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GemmaTokenizerFast
+    """``gemma.train_tokenizer`` on ``sentences``, saved to ``folder`` (padding side is not saved: set it on load)."""
+    from mindone_lumina.gemma import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(sentences, trainer)
-    fast = GemmaTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.save_pretrained(folder)
+    train_tokenizer(sentences, vocab_size).save_pretrained(folder)
     return folder
