@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint_io import TensorSpec, output_dtype
+from .checkpoint_io import TensorSpec, output_dtype, same_bits
 from .loading import LoadReport
 
 
@@ -166,7 +166,9 @@ def convert_tensors(
     copies = {}
     for dup, first in plan.duplicates.items():
         copies.setdefault(first, []).append(dup)
-    bad = {m[0] for m in report.mismatched}
+    bad = {
+        p for s, p in plan.targets.items() if expected_shapes and tuple(reader.shape(s)) != tuple(expected_shapes[p])
+    }
     return [
         TensorSpec(
             project,
@@ -183,7 +185,7 @@ def _reader_with_copies(reader, key: str, copies: list):
     def fetch():
         value = reader.read(key)
         for dup in copies:
-            if not np.array_equal(reader.read(dup), value, equal_nan=True):
+            if not same_bits(reader.read(dup), value):
                 raise ValueError(f"{dup} should be an exact copy of {key} (the layout stores it twice) but differs")
         return value
 
