@@ -250,6 +250,11 @@ def encode_prompts(tokenizer, encoder: GemmaEncoder, prompts, negative_prompt=""
         return_tensors="np",
     )
     ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    if ids.max() >= encoder.cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer produced id {ids.max()} but the encoder has vocab_size {encoder.cfg.vocab_size}: "
+            "tokenizer and weights do not belong together"
+        )
     _warn_truncated(tokenizer, texts, mask.sum(axis=1), max_length)
     cap_feats = encoder(Tensor(ids.astype(np.int32)), Tensor(mask.astype(np.int32)))
     return cap_feats, Tensor(mask.astype(np.int32))
@@ -348,7 +353,8 @@ def load_gemma(folder: str, dtype=ms.float32, cfg: GemmaConfig | None = None) ->
     """A ``GemmaEncoder`` with the weights of a Hugging Face Gemma folder (single or sharded safetensors).
 
     ``cfg`` defaults to the folder's ``config.json``; weights that do not fit it raise ``ValueError`` naming the keys.
-    Keys are read lazily and cast to ``dtype`` one by one, so peak memory is the model plus one copy of the weights.
+    Names and shapes are checked from the file headers first; tensors are then read and cast one at a time, so peak
+    memory is the model plus one tensor (bf16 files are widened exactly by ``checkpoint_io``).
     """
     backend.check_dtype_supported(dtype)
     cfg = read_config(folder) if cfg is None else cfg
@@ -366,19 +372,30 @@ def load_gemma(folder: str, dtype=ms.float32, cfg: GemmaConfig | None = None) ->
 
 
 class _LazyState(Mapping):
-    """A checkpoint as a name -> array mapping that reads (and casts) a tensor only when asked for it."""
+    """A checkpoint as a name -> array mapping whose values know their shape and are read only when converted."""
 
     def __init__(self, ckpt, np_dtype):
         self.ckpt, self.np_dtype = ckpt, np_dtype
 
     def __getitem__(self, key):
-        return self.ckpt.read(key).astype(self.np_dtype, copy=False)
+        return _LazyArray(self.ckpt, key, self.np_dtype)
 
     def __iter__(self):
         return iter(self.ckpt.keys())
 
     def __len__(self):
         return len(self.ckpt.keys())
+
+
+class _LazyArray:
+    """``np.shape`` reads ``.shape`` (the file header); ``np.asarray`` reads the tensor, cast to the model dtype."""
+
+    def __init__(self, ckpt, key: str, np_dtype):
+        self.ckpt, self.key, self.np_dtype = ckpt, key, np_dtype
+        self.shape = tuple(ckpt.shape(key))
+
+    def __array__(self, dtype=None, copy=None):
+        return self.ckpt.read(self.key).astype(dtype or self.np_dtype, copy=False)
 
 
 # ------------------------------------------------------------------------------------------------------------------

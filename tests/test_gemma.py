@@ -18,13 +18,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import randomize_torch_, rel_err
+from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GemmaConfig as HFGemmaConfig
 from transformers import GemmaForCausalLM, GemmaTokenizerFast
 
 import mindspore as ms
 
-from mindone_lumina.gemma import GemmaConfig, encode_prompts, load_gemma, load_tokenizer
+from mindone_lumina.gemma import PRESETS, GemmaConfig, encode_prompts, load_gemma, load_tokenizer
+from mindone_lumina.loading import state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, "tests", ".cache")
@@ -146,6 +148,49 @@ def test_weights_for_another_config_are_rejected(hf_models):
         load_gemma(folder, cfg=GemmaConfig(**{**TINY["mqa"], "intermediate_size": 64}))
 
 
+def test_sharded_bf16_folder_and_tied_head(hf_models, tmp_path):
+    """Sharded index + bf16 storage load exactly; an lm_head.weight must be an exact copy of the embeddings."""
+    folder, model = hf_models["gqa"]
+    sharded = str(tmp_path / "sharded")
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    bf16.save_pretrained(sharded, safe_serialization=True, max_shard_size="20KB")
+    assert any(f.endswith(".safetensors.index.json") for f in os.listdir(sharded))
+    loaded = state_dict(load_gemma(sharded))
+    for name, p in bf16.state_dict().items():  # unprefixed GemmaModel names load without the table
+        np.testing.assert_array_equal(loaded[name], p.float().numpy(), err_msg=name)
+
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    for head, ok in (
+        (weights["model.embed_tokens.weight"], True),
+        (np.zeros_like(weights["model.embed_tokens.weight"]), False),
+    ):
+        tied = tmp_path / f"tied-{ok}"
+        tied.mkdir()
+        shutil.copy(os.path.join(folder, "config.json"), tied)
+        save_file({**weights, "lm_head.weight": head}, str(tied / "model.safetensors"))
+        if ok:
+            load_gemma(str(tied))
+        else:
+            with pytest.raises(ValueError, match="embed_tokens.weight should be an exact copy of lm_head.weight"):
+                load_gemma(str(tied))
+
+
+def test_config_from_hub_json():
+    """google/gemma-2b config.json (as published; hidden_act "gelu" is overridden to the tanh GELU, see gemma.py)."""
+    hub = dict(architectures=["GemmaForCausalLM"], attention_bias=False, attention_dropout=0.0, bos_token_id=2,
+               eos_token_id=1, head_dim=256, hidden_act="gelu", hidden_size=2048, initializer_range=0.02,
+               intermediate_size=16384, max_position_embeddings=8192, model_type="gemma", num_attention_heads=8,
+               num_hidden_layers=18, num_key_value_heads=1, pad_token_id=0, rms_norm_eps=1e-06, rope_scaling=None,
+               rope_theta=10000.0, torch_dtype="bfloat16", use_cache=True, vocab_size=256000)  # fmt: skip
+    assert GemmaConfig.from_hf_config(hub) == PRESETS["gemma-2b"]
+    with pytest.raises(ValueError, match="only the tanh GELU"):
+        GemmaConfig.from_hf_config({**hub, "hidden_activation": "gelu"})
+    with pytest.raises(ValueError, match="model_type 'gemma2'"):
+        GemmaConfig.from_hf_config({**hub, "model_type": "gemma2"})
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads 3"):
+        GemmaConfig.from_hf_config({**hub, "num_key_value_heads": 3})
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Tokenization (spec section 4): a tiny byte-level BPE so that any character encodes
 # ------------------------------------------------------------------------------------------------------------------
@@ -225,6 +270,10 @@ def test_bad_inputs(small_tokenizer_dir, tmp_path):
         encode_prompts(tokenizer, EchoEncoder(), ["a", "b"], negative_prompt=["x"])
     with pytest.raises(ValueError, match="max_length"):
         encode_prompts(tokenizer, EchoEncoder(), ["a"], max_length=0)
+    small_vocab = EchoEncoder()
+    small_vocab.cfg = GemmaConfig(vocab_size=10)
+    with pytest.raises(ValueError, match="vocab_size 10: tokenizer and weights do not belong together"):
+        encode_prompts(tokenizer, small_vocab, ["a photo of a cat"])
     with pytest.raises(ValueError, match=r"no tokenizer: expected one of \['tokenizer.json', 'tokenizer.model'\]"):
         load_tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match="no prompts given"):
