@@ -423,11 +423,9 @@ def open_checkpoint(path: str, ema: bool = False, split_dim: Callable[[str], int
             raise ValueError(f"{path} is one of {int(m.group(3))} model-parallel shards: pass the folder instead")
         return open_file(path)
     names = sorted(os.listdir(path))
-    groups = collections.defaultdict(list)  # (prefix, world, ext) -> ranks
-    for n in names:
-        m = _CONSOLIDATED.match(n)
-        if m:
-            groups[(m.group(1), int(m.group(3)), m.group(4))].append(int(m.group(2)))
+    groups = {
+        (m.group(1), int(m.group(3)), m.group(4)) for m in map(_CONSOLIDATED.match, names) if m
+    }  # prefix, world, ext
     if groups:
         return _open_consolidated(path, groups, "consolidated_ema" if ema else "consolidated", split_dim)
     if ema:
@@ -467,11 +465,13 @@ def _open_index(index: str):
     return ckpt
 
 
-def _open_consolidated(folder: str, groups: dict, prefix: str, split_dim):
+def _open_consolidated(folder: str, groups: set, prefix: str, split_dim):
     candidates = sorted((k for k in groups if k[0] == prefix), key=lambda k: k[2] != "safetensors")
     if not candidates:
         found = sorted({k[0] for k in groups})
         raise ValueError(f"{folder}: no {prefix}.NN-of-MM files (found {found})")
+    if len({k[1] for k in candidates}) > 1:
+        raise ValueError(f"{folder}: {prefix} files of several world sizes {sorted({k[1] for k in candidates})}")
     _, world, ext = candidates[0]  # prefer safetensors over pth when both are present
     files = [f"{prefix}.{r:02d}-of-{world:02d}.{ext}" for r in range(world)]
     absent = [f for f in files if not os.path.isfile(os.path.join(folder, f))]

@@ -267,6 +267,21 @@ def test_diffusers_copies_must_agree(diffusers_model, tmp_path):
         nextdit_weights.load_nextdit_state(str(tmp_path))
 
 
+def test_pth_reader_matches_torch_for_dtypes_and_views(tmp_path):
+    """Storages shared by several tensors, offsets, transposed strides and every dtype the checkpoints use."""
+    base = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    tensors = {"t": base.t(), "slice": base[2:5, 1:7], "row": base[3], "bf16": base.to(torch.bfloat16),
+               "fp16": base.half(), "int64": torch.arange(5), "bool": base > 0, "empty": base[:0]}  # fmt: skip
+    torch.save(tensors, tmp_path / "x.pth")
+    reader = checkpoint_io.open_checkpoint(str(tmp_path / "x.pth"))
+    assert sorted(reader.keys()) == sorted(tensors)
+    for k, v in tensors.items():
+        expected = (v.float() if v.dtype == torch.bfloat16 else v).numpy()  # bf16 arrives widened, exactly
+        got = reader.read(k)
+        assert got.dtype == expected.dtype and got.shape == expected.shape and np.array_equal(got, expected), k
+    assert reader.dtype("bf16") == "bfloat16" and reader.shape("t") == (8, 6)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Pickles never run code
 # ------------------------------------------------------------------------------------------------------------------
