@@ -114,9 +114,13 @@ def weights_folder(path: str) -> str:
 
 
 def detect_config(path: str) -> NextDiTConfig | None:
-    """The architecture recorded next to (or inside) a checkpoint, or None: diffusers ``config.json``, the project's
-    ``model_args.json`` or safetensors metadata, or the original ``model_args.pth`` (a pickled Namespace)."""
+    """The architecture recorded with a checkpoint, or None: the project's safetensors metadata, a diffusers
+    ``config.json``, the project's ``model_args.json``, or the original ``model_args.pth`` (a pickled Namespace)."""
     path = weights_folder(path)
+    if path.endswith(".safetensors") and os.path.isfile(path):
+        recorded = checkpoint_io.SafetensorsFile(path).metadata.get("nextdit_config")
+        if recorded:
+            return NextDiTConfig.from_dict(json.loads(recorded))
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     conf = os.path.join(folder, "config.json")
     if os.path.isfile(conf):
@@ -124,10 +128,6 @@ def detect_config(path: str) -> NextDiTConfig | None:
             return config_from_diffusers(json.load(f))
     if os.path.isfile(os.path.join(folder, "model_args.json")):
         return nextdit.resolve_config(os.path.join(folder, "model_args.json"))
-    if path.endswith(".safetensors") and os.path.isfile(path):
-        recorded = checkpoint_io.SafetensorsFile(path).metadata.get("nextdit_config")
-        if recorded:
-            return NextDiTConfig.from_dict(json.loads(recorded))
     if os.path.isfile(os.path.join(folder, "model_args.pth")):
         args = vars(checkpoint_io.read_pickle(os.path.join(folder, "model_args.pth")))
         if args.get("model") not in MODEL_NAMES:

@@ -142,6 +142,21 @@ def test_model_parallel_checks(tmp_path):
         nextdit_weights.load_nextdit_state(src)
 
 
+def test_ema_weights_are_picked_with_ema(tmp_path):
+    state = _original_state()
+    save_file(state, str(tmp_path / "consolidated.00-of-01.safetensors"))
+    save_file({k: v + 1 for k, v in state.items()}, str(tmp_path / "consolidated_ema.00-of-01.safetensors"))
+    shutil.copy(os.path.join(ORIGINAL, "model_args.json"), tmp_path)
+    cli.main([str(tmp_path), str(tmp_path / "ema.safetensors"), "--ema"])
+    ema = checkpoint_io.read_state_dict(str(tmp_path / "ema.safetensors"))
+    assert all(np.array_equal(ema[k], v + 1) for k, v in state.items())
+    assert nextdit_weights.detect_config(str(tmp_path / "ema.safetensors")) == nextdit.resolve_config(
+        os.path.join(ORIGINAL, "model_args.json")
+    )  # recorded in the output's metadata
+    with pytest.raises(ValueError, match="no consolidated_ema"):
+        nextdit_weights.load_nextdit_state(os.path.join(ORIGINAL), ema=True)
+
+
 def test_original_round_trip_is_bit_exact(tmp_path):
     ms_file, back = str(tmp_path / "ms.safetensors"), str(tmp_path / "original")
     cli.main(
