@@ -187,6 +187,8 @@ FORMATS = ("mindspore", "original", "diffusers")
 def output_files(out: str, to: str) -> str:
     """The weights file written for ``out``: a file for mindspore, inside a folder for original and diffusers."""
     if to == "mindspore":
+        if not out.endswith(".safetensors"):
+            raise ValueError(f"output {out} for the mindspore format must be a .safetensors file path")
         return out
     if to == "original":
         return os.path.join(out, "consolidated.00-of-01.safetensors")

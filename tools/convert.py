@@ -12,6 +12,7 @@ key is an error. ``--verify`` re-reads the output and compares every tensor with
 """
 
 import argparse
+import sys
 import time
 
 from tqdm import tqdm
@@ -54,4 +55,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # a bad input or an existing output: say what, without a traceback
+        sys.exit(f"convert.py: error: {e}")
