@@ -443,6 +443,7 @@ def open_checkpoint(path: str, ema: bool = False, split_dim: Callable[[str], int
 
 def _open_index(index: str):
     folder = os.path.dirname(index)
+    check_not_lfs_pointer(index)
     try:
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]

@@ -43,19 +43,11 @@ cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cli)
 
 
-@pytest.fixture(autouse=True)
-def _pynative(pynative):
-    yield
+pytestmark = pytest.mark.usefixtures("pynative")
 
 
 def _original_state():
     return checkpoint_io.read_state_dict(os.path.join(ORIGINAL, "consolidated.00-of-01.safetensors"))
-
-
-def _forward(cfg, state, x, t, cap, mask):
-    model = nextdit.NextDiT(cfg)
-    load_state_dict(model, state)
-    return nextdit.forward(model, Tensor(x), Tensor(t), Tensor(cap), Tensor(mask)).asnumpy()
 
 
 def _load_converted(path, cfg):
