@@ -210,7 +210,10 @@ class _LazyTensor:
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError(f"_rebuild_tensor_v2 got {type(storage).__name__} instead of a storage")
-    return _LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride))
+    size, stride = tuple(int(n) for n in size), tuple(int(n) for n in stride)
+    if len(size) != len(stride) or min((storage_offset, *size, *stride)) < 0:
+        raise pickle.UnpicklingError(f"invalid tensor layout: offset {storage_offset}, size {size}, stride {stride}")
+    return _LazyTensor(storage, int(storage_offset), size, stride)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
@@ -229,21 +232,17 @@ _SAFE_GLOBALS = {
 class _RestrictedUnpickler(pickle.Unpickler):
     """Admits only ``_SAFE_GLOBALS``, mapped to local stand-ins; no torch or other code is imported or run."""
 
-    def __init__(self, file, path: str):
-        super().__init__(file)
-        self.path = path
-
     def find_class(self, module, name):
         if (module, name) not in _SAFE_GLOBALS:
             raise pickle.UnpicklingError(
-                f"{self.path}: refused to unpickle the global {module}.{name}; only tensor state dicts (and "
-                "argparse.Namespace) are read, and a pickle naming anything else may run code when loaded"
+                f"refused to unpickle the global {module}.{name}; only tensor state dicts (and argparse.Namespace) "
+                "are read, and a pickle naming anything else may run code when loaded"
             )
         return _SAFE_GLOBALS[(module, name)]
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-            raise pickle.UnpicklingError(f"{self.path}: unsupported persistent id {pid!r}")
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
         return _Storage(str(pid[2]), pid[1].dtype, int(pid[4]))
 
 
@@ -271,10 +270,10 @@ class PthFile:
             raise ValueError(f"{path}: big-endian torch checkpoints are not supported")
         try:
             with self._zip.open(pkl[0]) as f:
-                self.obj = _RestrictedUnpickler(f, path).load()
+                self.obj = _RestrictedUnpickler(f).load()
         except pickle.UnpicklingError as e:
-            raise ValueError(str(e)) from e
-        except (EOFError, zipfile.BadZipFile, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: {e}") from e
+        except (EOFError, zipfile.BadZipFile, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{path}: corrupt pickle in data.pkl ({type(e).__name__}: {e})") from e
         tensors = self.obj if isinstance(self.obj, dict) else {}
         self._tensors = {k: v for k, v in tensors.items() if isinstance(v, _LazyTensor)}
