@@ -204,16 +204,25 @@ def layout_tensors(specs: list, to: str) -> list:
     return export_tensors(specs, DIFFUSERS_RULES if to == "diffusers" else None)
 
 
+def _side_file(out: str, to: str) -> str | None:
+    """The config written next to the weights: model_args.json (original) or config.json (diffusers)."""
+    return {
+        "original": os.path.join(out, "model_args.json"),
+        "diffusers": os.path.join(out, "transformer", "config.json"),
+    }.get(to)
+
+
+def check_outputs(out: str, to: str, force: bool = False):
+    """Refuse up front (``ValueError``) an output path of the wrong kind or one that exists without ``force``."""
+    for path in (output_files(out, to), _side_file(out, to)):
+        if path:
+            checkpoint_io.check_writable(path, force)
+
+
 def write_nextdit(written: list, cfg: NextDiTConfig, out: str, to: str = "mindspore", force=False, progress=None):
     """Write ``layout_tensors(specs, to)`` and the layout's config file; returns the weights path."""
-    path = output_files(out, to)
-    side = {
-        "original": os.path.join(out, "model_args.json"),
-        "diffusers": os.path.join(os.path.dirname(path), "config.json"),
-    }.get(to)
-    for p in (path, side):
-        if p:
-            checkpoint_io.check_writable(p, force)  # refuse before any work
+    check_outputs(out, to, force)
+    path, side = output_files(out, to), _side_file(out, to)
     metadata = {"format": "ms" if to == "mindspore" else "pt", "nextdit_config": json.dumps(dataclasses.asdict(cfg))}
     checkpoint_io.write_safetensors(path, written, metadata, force, progress)
     if side:

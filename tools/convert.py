@@ -38,6 +38,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    nextdit_weights.check_outputs(args.out, args.to, args.force)
     cfg = nextdit_weights.resolve(args.src, args.arch)
     specs = nextdit_weights.nextdit_tensors(
         args.src, cfg, args.ema, args.dtype, allow_inexact_merge=args.allow_inexact_merge
