@@ -1,0 +1,103 @@
+"""Decode denoiser latents to images, or encode images to denoiser latents, with a diffusers-format SDXL VAE.
+
+    python tools/vae.py decode --vae VAE_DIR --latents z.npz --output x.npz|PNG_DIR [--tiled [--tile 64]
+        [--overlap 0.25]] [--mode graph|pynative] [--dtype fp32|fp16]
+    python tools/vae.py encode --vae VAE_DIR --images a.png b.png --output z.npz [--sample --seed 0]
+
+``z.npz`` holds ``latents`` (B, 4, h, w) in the denoiser's space (encode multiplies the posterior by the scaling
+factor, decode divides by it). ``x.npz`` holds ``images`` (B, 3, H, W) in [-1, 1]; a folder output gets
+``0000.png``, ``0001.png``, ... Every file is written to a temporary name first and renamed into place.
+"""
+
+import argparse
+import os
+import tempfile
+
+import numpy as np
+
+import mindspore as ms
+
+from mindone_lumina import backend, vae
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    dec = sub.add_parser("decode", help="latents npz -> images npz or PNG folder")
+    dec.add_argument("--latents", required=True, help="npz with 'latents' (B, 4, h, w), denoiser space")
+    dec.add_argument("--tiled", action="store_true", help="decode in overlapping tiles (bounded memory)")
+    dec.add_argument("--tile", type=int, default=64, help="tile side in latent pixels")
+    dec.add_argument("--overlap", type=float, default=0.25, help="minimum fraction of a tile shared by neighbours")
+    enc = sub.add_parser("encode", help="image files -> latents npz")
+    enc.add_argument("--images", required=True, nargs="+", help="image files of one size, sides divisible by 8")
+    enc.add_argument("--sample", action="store_true", help="sample the posterior instead of taking its mean")
+    enc.add_argument("--seed", type=int, default=0, help="seed of the posterior sample")
+    for sp in (dec, enc):
+        sp.add_argument("--vae", required=True, help="diffusers vae/ folder (config.json + safetensors)")
+        sp.add_argument("--output", required=True, help="npz file, or (decode only) a folder for PNGs")
+        sp.add_argument("--mode", default="graph", choices=["graph", "pynative"])
+        sp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+        sp.add_argument("--device", default="CPU", choices=["CPU", "Ascend"])
+    return p.parse_args(argv)
+
+
+def write_atomic(path: str, save) -> None:
+    """``save(file_object)`` into a temporary file beside ``path``, then rename it over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=os.path.splitext(path)[1], delete=False) as tmp:
+        save(tmp)
+    os.replace(tmp.name, path)
+
+
+def read_latents(path: str) -> np.ndarray:
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read latents {path}: {e}") from e
+    if "latents" not in data:
+        raise ValueError(f"{path} has no 'latents' array (found {sorted(data.files)})")
+    return data["latents"]
+
+
+def decode(args, model) -> str:
+    tiling = vae.Tiling(args.tile, args.overlap) if args.tiled else None
+    x = vae.decode_latents(model, read_latents(args.latents), tiling)
+    if args.output.endswith(".npz"):
+        write_atomic(args.output, lambda f: np.savez(f, images=np.clip(x, -1.0, 1.0)))
+        return f"images {x.shape}"
+    from PIL import Image
+
+    os.makedirs(args.output, exist_ok=True)
+    for i, arr in enumerate(vae.to_uint8(x)):
+        write_atomic(os.path.join(args.output, f"{i:04d}.png"), lambda f, a=arr: Image.fromarray(a).save(f, "PNG"))
+    return f"{len(x)} PNGs {x.shape[2]}x{x.shape[3]}"
+
+
+def encode(args, model) -> str:
+    from PIL import Image
+
+    if not args.output.endswith(".npz"):
+        raise ValueError(f"encode writes an npz file, got --output {args.output}")
+    images = []
+    for name in args.images:
+        try:
+            with Image.open(name) as im:
+                images.append(im.convert("RGB"))
+        except OSError as e:
+            raise ValueError(f"cannot read image {name}: {e}") from e
+    z = vae.images_to_latents(model, images, sample=args.sample, seed=args.seed)
+    write_atomic(args.output, lambda f: np.savez(f, latents=z))
+    return f"latents {z.shape}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ms.set_device(args.device)
+    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+    model = vae.load_vae(args.vae, backend.dtype_from_name(args.dtype))
+    what = decode(args, model) if args.command == "decode" else encode(args, model)
+    print(f"wrote {args.output}: {what} ({args.mode}, {args.dtype})")
+
+
+if __name__ == "__main__":
+    main()
