@@ -66,3 +66,14 @@ def make_tokenizer_dir(folder: str, vocab_size: int = 300, sentences=SENTENCES) 
 
     train_tokenizer(sentences, vocab_size).save_pretrained(folder)
     return folder
+
+
+def load_tool(name: str):
+    """The module of ``tools/<name>.py`` (tools/ is a folder of scripts, not a package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(FIXTURES), os.pardir, "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.abspath(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -8,7 +8,6 @@ Frobenius error on valid (unpadded) positions. Tokenizer behaviour: a byte-level
 """
 
 import copy
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_torch_, rel_err
+from conftest import load_tool, randomize_torch_, rel_err
 from safetensors.numpy import load_file, save_file
 from transformers import GemmaConfig as HFGemmaConfig
 from transformers import GemmaForCausalLM, GemmaTokenizerFast
@@ -90,13 +89,7 @@ def _reference(model, ids, mask, dtype=torch.float32):
 
 
 def encode_cli(argv):
-    """``main`` of tools/encode_prompts.py (tools/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        "encode_prompts_cli", os.path.join(ROOT, "tools", "encode_prompts.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(argv)
+    load_tool("encode_prompts").main(argv)
 
 
 def _run(encoder, ids, mask):

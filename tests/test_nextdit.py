@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, randomize_torch_, rel_err
+from conftest import FIXTURES, load_tool, randomize_torch_, rel_err
 from diffusers import LuminaNextDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 from safetensors.numpy import load_file
@@ -265,3 +265,21 @@ def test_bad_checkpoints_are_named(original):
     bad = {**state, "x_embedder.weight": np.zeros((64, 17), np.float32)}
     with pytest.raises(ValueError, match=r"x_embedder.weight expected \(64, 16\) got \(64, 17\)"):
         load_state_dict(fresh, bad)
+
+
+def test_forward_cli_on_original_pth_with_cfg(tmp_path):
+    """tools/forward.py converts the .pth on the fly and reproduces the original forward_with_cfg (PI branch)."""
+    main = load_tool("forward").main
+    io = dict(np.load(os.path.join(ORIGINAL, "io.npz")))
+    inputs = tmp_path / "in.npz"
+    np.savez(inputs, x=io["x"], t=io["cfg_pi_t"], cap_feats=io["cap_feats"], cap_mask=io["cap_mask"])
+    out = tmp_path / "out.npz"
+    pth, arch = os.path.join(ORIGINAL, "consolidated.00-of-01.pth"), os.path.join(ORIGINAL, "model_args.json")
+    main(["--checkpoint", pth, "--arch", arch, "--inputs", str(inputs), "--output", str(out), "--mode", "pynative",
+          "--cfg-scale", "4", "--scale-factor", "1.5", "--scale-watershed", "0.3", "--base-seqlen", "32"])  # fmt: skip
+    assert rel_err(np.load(out)["out"], io["cfg_pi_out"]) <= FP32_BUDGET
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=io["x"], t=io["t"])
+    with pytest.raises(ValueError, match=r"lacks \['cap_feats', 'cap_mask'\]"):
+        main(["--checkpoint", os.path.join(ORIGINAL, "consolidated.00-of-01.safetensors"), "--inputs", str(bad),
+              "--output", str(out), "--mode", "pynative"])  # fmt: skip

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import make_tokenizer_dir, randomize_torch_, rel_err
+from conftest import load_tool, make_tokenizer_dir, randomize_torch_, rel_err
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 from transformers import GemmaConfig, GemmaModel, GemmaTokenizerFast
@@ -192,3 +192,24 @@ def test_graph_mode_compiles_the_denoiser_once_per_resolution(ours):
     ours(PROMPTS[:1], settings=settings, progress=False)
     ours(PROMPTS[:1], seed=1, settings=settings, progress=False)
     assert len(ours.transformer.compile_cache) == before + 1
+
+
+def test_sample_cli_writes_pngs_with_metadata_and_latents(reference, tmp_path):
+    from PIL import Image
+
+    sample = load_tool("sample")
+    noise_file, latents_file = tmp_path / "noise.npz", tmp_path / "final.npz"
+    np.savez(noise_file, latents=_noise()[:1, :, :4, :4])
+    args = ["--model", reference[1], "--prompt", PROMPTS[0], "--resolution", "32x32", "--steps", "3", "--seed", "5",
+            "--mode", "pynative", "--out", str(tmp_path / "out"), "--latents", str(noise_file),
+            "--save-latents", str(latents_file)]  # fmt: skip
+    sample.main(args)
+    image = Image.open(tmp_path / "out" / "000_seed5.png")
+    assert image.size == (32, 32) and image.text["prompt"] == PROMPTS[0] and image.text["seed"] == "5"
+    assert json.loads(image.text["settings"])["num_steps"] == 3
+    assert np.load(latents_file)["latents"].shape == (1, 4, 4, 4)
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        sample.main(args[:4] + ["--resolution", "32by32"])
+    with pytest.raises(ValueError, match="height must be a positive multiple of 16, got 24"):
+        sample.main(args[:4] + ["--resolution", "32x24", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()

@@ -5,7 +5,9 @@
         [--scale-factor 1.5 --scale-watershed 0.3] [--base-seqlen 4096]
 
 ``in.npz`` holds ``x`` (B, C, H, W), ``t`` (B,) with t=0 noise / t=1 data, ``cap_feats`` (B, Lc, D) and ``cap_mask``
-(B, Lc); ``out.npz`` gets ``out``. With ``--cfg-scale`` the original ``forward_with_cfg`` runs on the batch.
+(B, Lc); ``out.npz`` gets ``out``. ``--checkpoint`` takes every format ``tools/convert.py`` reads (original
+safetensors/.pth, model-parallel shards, diffusers folders, fp32 or bf16), converted in memory; ``--arch`` may be
+left out when the checkpoint records its architecture. With ``--cfg-scale`` the original ``forward_with_cfg`` runs.
 """
 
 import argparse
@@ -17,15 +19,18 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from mindone_lumina import backend, checkpoint_io, nextdit
+from mindone_lumina import backend, nextdit, nextdit_weights
 from mindone_lumina.layers import cast_parameters
 from mindone_lumina.loading import load_state_dict
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="original-format consolidated.*.safetensors")
-    p.add_argument("--arch", required=True, help="preset name or JSON of the original constructor's arguments")
+    p.add_argument(
+        "--checkpoint", required=True, help="any Next-DiT checkpoint the converter reads (original, diffusers)"
+    )
+    p.add_argument("--arch", default=None, help="preset or JSON of the original constructor's arguments (default: "
+                   "the architecture recorded with the checkpoint)")  # fmt: skip
     p.add_argument("--inputs", required=True, help="npz with x, t, cap_feats, cap_mask")
     p.add_argument("--output", required=True, help="npz to write (key 'out')")
     p.add_argument("--family", default="nextdit", choices=["nextdit"])
@@ -57,10 +62,10 @@ def main(argv=None):
     dtype = backend.dtype_from_name(args.dtype)
     backend.check_dtype_supported(dtype)
 
-    cfg = nextdit.resolve_config(args.arch)
+    cfg = nextdit_weights.resolve(args.checkpoint, args.arch)
     inputs = read_inputs(args.inputs)
     model = nextdit.NextDiT(cfg)
-    load_state_dict(model, checkpoint_io.read_state_dict(args.checkpoint), what=args.checkpoint)
+    load_state_dict(model, nextdit_weights.load_nextdit_state(args.checkpoint, cfg), what=args.checkpoint)
     cast_parameters(model, dtype)
 
     x = Tensor(inputs["x"]).astype(dtype)
