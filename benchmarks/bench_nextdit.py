@@ -4,12 +4,17 @@
 
 fp32, hidden 768 / 12 layers / 12 heads / 4 kv heads, batch 1, 128-token caption. Reports the median of ``repeats``
 timed calls after one warm-up call (graph compile time separately), achieved GFLOP/s and its share of a fp32 matmul
-peak measured in the same run for each framework, and the MindSpore / PyTorch time ratio.
+peak measured in the same run for each framework, the MindSpore / PyTorch time ratio and each framework's peak RSS
+(every framework and mode runs in its own process).
 """
 
 import argparse
+import json
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -57,63 +62,87 @@ def matmul_peak(repeats=5, n=2048):
     return flops / t_torch / 1e9, flops / t_ms / 1e9
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
-    p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args()
-    ms.set_device("CPU")
-    torch.set_grad_enabled(False)
-
-    torch.manual_seed(0)
+def build(framework: str):
+    """The benchmark model with the same seeded weights in either framework."""
+    model = nextdit.NextDiT(CFG)
+    rng = np.random.default_rng(0)
+    state = {q.name: (0.02 * rng.standard_normal(q.shape)).astype(np.float32) for q in model.get_parameters()}
+    if framework != "torch":
+        load_state_dict(model, state)
+        return model
     ref = LuminaNextDiT2DModel(
         sample_size=128, patch_size=2, in_channels=4, hidden_size=CFG.dim, num_layers=CFG.n_layers,
         num_attention_heads=CFG.n_heads, num_kv_heads=CFG.n_kv_heads, multiple_of=CFG.multiple_of,
         learn_sigma=True, qk_norm=True, cross_attention_dim=CFG.cap_feat_dim,
     ).eval()  # fmt: skip
-    model = nextdit.NextDiT(CFG)
-    rng = np.random.default_rng(0)
-    state = {q.name: (0.02 * rng.standard_normal(q.shape)).astype(np.float32) for q in model.get_parameters()}
-    load_state_dict(model, state)
     exported = rename_from_project(state, nextdit.DIFFUSERS_RULES)
     ref.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
-    rope_table = get_2d_rotary_pos_embed_lumina(CFG.head_dim, 384, 384)
+    return ref
 
+
+def inputs(seq: int):
+    rng = np.random.default_rng(1)
+    side = int(round(seq**0.5)) * 2  # square latent with seq tokens at patch 2
+    x = rng.standard_normal((1, 4, side, side)).astype(np.float32)
+    cap = rng.standard_normal((1, CAPTION, CFG.cap_feat_dim)).astype(np.float32)
+    mask = np.ones((1, CAPTION), np.int32)
+    mask[:, 100:] = 0  # a padded caption
+    return x, np.array([0.5], np.float32), cap, mask
+
+
+def worker(framework: str, seq: int, repeats: int) -> dict:
+    """One framework / mode in its own process, so peak RSS is its own."""
+    ms.set_device("CPU")
+    torch.set_grad_enabled(False)
+    model = build(framework)
+    arrays = inputs(seq)
+    if framework == "torch":
+        rope_table = get_2d_rotary_pos_embed_lumina(CFG.head_dim, 384, 384)
+        args = [torch.from_numpy(a) for a in arrays]
+        first, median = timed(lambda: model(*args, rope_table, cross_attention_kwargs={}, return_dict=False), repeats)
+    else:
+        ms.set_context(mode=ms.GRAPH_MODE if framework == "graph" else ms.PYNATIVE_MODE)
+        args = [Tensor(a) for a in arrays]
+        first, median = timed(lambda: nextdit.forward(model, *args).asnumpy(), repeats)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"first": first, "median": median, "peak_mb": peak_mb}
+
+
+def run_worker(framework: str, seq: int, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", framework, "--tokens", str(seq), "--repeats", str(repeats)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--worker", choices=["torch", "graph", "pynative"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.tokens[0], args.repeats)))
+        return
+    ms.set_device("CPU")
     peak_torch, peak_ms = matmul_peak()
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads), mindspore {ms.__version__}; fp32 matmul peak: torch {peak_torch:.1f} GFLOP/s, "
-          f"mindspore {peak_ms:.1f} GFLOP/s")  # fmt: skip
+          f"mindspore {peak_ms:.1f} GFLOP/s; each cell a separate process, median of {args.repeats}")  # fmt: skip
     print(
         "| tokens | GFLOP | PyTorch eager s | MS graph s (compile s) | MS PyNative s | graph/torch | pynative/torch "
-        "| torch GFLOP/s (% peak) | graph GFLOP/s (% peak) |"
+        "| torch GFLOP/s (% peak) | graph GFLOP/s (% peak) | peak RSS MB torch / graph / pynative |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    rng = np.random.default_rng(0)
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for seq in args.tokens:
-        side = int(round(seq**0.5)) * 2  # square latent with seq tokens at patch 2
-        x = rng.standard_normal((1, 4, side, side)).astype(np.float32)
-        t = np.array([0.5], np.float32)
-        cap = rng.standard_normal((1, CAPTION, CFG.cap_feat_dim)).astype(np.float32)
-        mask = np.ones((1, CAPTION), np.int32)
-        mask[:, 100:] = 0
-
-        targs = [torch.from_numpy(a) for a in (x, t, cap, mask)]
-        _, t_torch = timed(
-            lambda a=targs: ref(*a, rope_table, cross_attention_kwargs={}, return_dict=False), args.repeats
-        )
-
-        margs = [Tensor(a) for a in (x, t, cap, mask)]
-        results = {}
-        for mode in (ms.GRAPH_MODE, ms.PYNATIVE_MODE):
-            ms.set_context(mode=mode)
-            results[mode] = timed(lambda a=margs: nextdit.forward(model, *a).asnumpy(), args.repeats)
-        (first_graph, t_graph), (_, t_py) = results[ms.GRAPH_MODE], results[ms.PYNATIVE_MODE]
+        r = {fw: run_worker(fw, seq, args.repeats) for fw in ("torch", "graph", "pynative")}
+        t_torch, t_graph, t_py = r["torch"]["median"], r["graph"]["median"], r["pynative"]["median"]
         flops = forward_flops(CFG, seq, CAPTION)
         gf_torch, gf_graph = flops / t_torch / 1e9, flops / t_graph / 1e9
         print(
-            f"| {seq} | {flops / 1e9:.0f} | {t_torch:.3f} | {t_graph:.3f} ({first_graph - t_graph:.1f}) | {t_py:.3f} "
-            f"| {t_graph / t_torch:.2f} | {t_py / t_torch:.2f} | {gf_torch:.0f} ({100 * gf_torch / peak_torch:.0f}%) "
-            f"| {gf_graph:.0f} ({100 * gf_graph / peak_ms:.0f}%) |",
+            f"| {seq} | {flops / 1e9:.0f} | {t_torch:.3f} | {t_graph:.3f} ({r['graph']['first'] - t_graph:.1f}) "
+            f"| {t_py:.3f} | {t_graph / t_torch:.2f} | {t_py / t_torch:.2f} "
+            f"| {gf_torch:.0f} ({100 * gf_torch / peak_torch:.0f}%) | {gf_graph:.0f} ({100 * gf_graph / peak_ms:.0f}%) "
+            f"| {r['torch']['peak_mb']:.0f} / {r['graph']['peak_mb']:.0f} / {r['pynative']['peak_mb']:.0f} |",
             flush=True,
         )
 
