@@ -148,10 +148,11 @@ def _flash_attention(q, k, v, key_mask, scale: float, attn_mask=None):
 def conv2d(x, weight, bias, stride: int = 1, padding: int = 0, fused: bool = False):
     """torch ``conv2d`` (NCHW, zero padding on all sides, no groups or dilation).
 
-    The portable path is a sum of one matmul per kernel tap: MindSpore 2.10's CPU Conv2D kernel runs a 3x3 conv about
-    20x slower than the equivalent matmuls. Each tap reads a contiguous slice of the padded image flattened over a
-    row width ``wq`` (strided 2-D slices are as slow as the conv), so every output row carries ``wq - wo`` junk
-    columns that are cropped once at the end; a stride ``s`` is first split into ``s * s`` phase images.
+    The portable path is a sum of one matmul per kernel tap: MindSpore 2.10's CPU Conv2D kernel runs a 3x3 conv 5-20x
+    slower than the equivalent matmuls, and its pad and strided-slice kernels are slow too. Each tap therefore reads a
+    contiguous slice of the image flattened over rows (see ``_conv2d_same``); other strides and paddings first split
+    the padded image into ``stride * stride`` phase images. Taps are summed in fp32, as a half-precision conv
+    accumulates.
 
     Args:
         x: (B, C, H, W).
@@ -167,18 +168,65 @@ def conv2d(x, weight, bias, stride: int = 1, padding: int = 0, fused: bool = Fal
     b, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     s, p = stride, padding
-    ho, wo = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
     if kh == kw == s == 1 and p == 0:
-        return (mint.matmul(weight.reshape(o, c), x.reshape(b, c, h * w)) + bias.reshape(1, o, 1)).reshape(b, o, h, w)
+        return _bias_add(mint.matmul(weight.reshape(o, c), x.reshape(b, c, h * w)), bias).reshape(b, o, h, w)
+    if kh == kw and kh % 2 and s == 1 and p == kh // 2:
+        return _conv2d_same(x, weight, bias)
+    ho, wo = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
     hq, wq = ho + (kh - 1) // s + 1, wo + (kw - 1) // s  # phase image size; the spare row keeps every tap in range
     assert s * hq >= h + p and s * wq >= w + p, (x.shape, weight.shape, stride, padding)
     x = ops.pad(x, (p, s * wq - w - p, p, s * hq - h - p))  # (B, C, s*hq, s*wq); mint's pad has no CPU kernel
-    x = mint.permute(x.reshape(b, c, hq, s, wq, s), (0, 3, 5, 1, 2, 4)).reshape(b, s, s, c, hq * wq)
-    taps = mint.permute(weight, (2, 3, 0, 1))  # (kh, kw, O, C)
-    out = bias.astype(ms.float32).reshape(1, o, 1)  # taps summed in fp32, as a half-precision conv accumulates
+    x = mint.permute(x.reshape(b, c, hq, s, wq, s), (0, 3, 5, 1, 2, 4)).reshape(b, s * s * c, hq * wq)  # phases
+    taps = _taps(weight)
+    out = None
     for i in range(kh):
         for j in range(kw):
-            start = (i // s) * wq + j // s
-            y = mint.matmul(taps[i, j], x[:, i % s, j % s, :, start : start + ho * wq])  # (B, O, ho*wq)
-            out = out + (y if y.dtype == ms.float32 else y.astype(ms.float32))
-    return out.astype(x.dtype).reshape(b, o, ho, wq)[:, :, :, :wo]  # (B, O, Ho, Wo)
+            phase, start = (i % s) * s + j % s, (i // s) * wq + j // s
+            y = mint.matmul(taps[i * kw + j], x[:, phase * c : (phase + 1) * c, start : start + ho * wq])
+            y = y if y.dtype == ms.float32 else y.astype(ms.float32)
+            out = y if out is None else out + y  # (B, O, ho*wq)
+    out = _bias_add(out, bias).astype(x.dtype)
+    # each phase row carries wq - wo columns past the image edge; crop them
+    return out.reshape(b, o, ho, wq)[:, :, :, :wo]  # (B, O, Ho, Wo)
+
+
+def _conv2d_same(x, weight, bias):
+    """Stride-1 conv with a square odd kernel k and padding k // 2, on the image flattened over rows.
+
+    With p = k // 2 zeros added before and after the flat image (plus p rows' worth), tap (i, j) is the contiguous
+    slice starting at i * W + j. A tap with column offset d = j - p reads the neighbouring row at the left/right image
+    edge instead of the zero padding, so the partial sum of each column offset is masked on those |d| columns.
+    """
+    b, c, h, w = x.shape
+    o, _, k, _ = weight.shape
+    p = k // 2
+    edge = mint.zeros((b, c, p * w + p), dtype=x.dtype)
+    flat = mint.cat([edge, x.reshape(b, c, h * w), edge], dim=2)  # (B, C, (H + 2p) W + 2p)
+    taps = _taps(weight)
+    out = None
+    for j in range(k):
+        part = None
+        for i in range(k):
+            y = mint.matmul(taps[i * k + j], flat[:, :, i * w + j : i * w + j + h * w])  # (B, O, H*W)
+            y = y if y.dtype == ms.float32 else y.astype(ms.float32)
+            part = y if part is None else part + y
+        d = j - p
+        if d:
+            keep, drop = mint.ones((w - abs(d),), dtype=ms.float32), mint.zeros((abs(d),), dtype=ms.float32)
+            row = mint.cat([drop, keep] if d < 0 else [keep, drop])  # (W,), 0 where column + d is off the image
+            # full-shape mask: a broadcasting multiply would pin its output in graph mode (see _bias_add)
+            part = part * mint.broadcast_to(row.reshape(1, 1, 1, w), (b, o, h, w)).reshape(b, o, h * w)
+        out = part if out is None else out + part
+    return _bias_add(out, bias).astype(x.dtype).reshape(b, o, h, w)  # (B, O, H, W)
+
+
+def _taps(weight):
+    """(O, C, kh, kw) -> kh * kw matrices (O, C) in row-major tap order; one split, as indexing is slow on CPU."""
+    o, c, kh, kw = weight.shape
+    return mint.split(mint.permute(weight, (2, 3, 0, 1)).reshape(kh * kw * o, c), o, dim=0)
+
+
+def _bias_add(x, bias):
+    """(B, O, N) + (O,) in x's dtype. BiasAdd rather than a broadcasting add: in CPU graph mode the output of a
+    broadcasting binary op with a parameter operand is never reused, which multiplied the VAE's peak memory."""
+    return ops.bias_add(x, bias.astype(x.dtype))
