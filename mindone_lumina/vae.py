@@ -8,7 +8,7 @@ Parameter names are the diffusers names, so ``DIFFUSERS_RULES`` is an identity t
   norm, no gradient checkpointing, no tiled *encoding*, no slicing (the batch is decoded in one call).
 * GroupNorm statistics and the attention softmax run in fp32 whatever the parameter dtype.
 * Convolutions go through ``backend.conv2d``: the framework kernel on Ascend, per-tap matmuls on CPU (MindSpore's CPU
-  Conv2D is ~20x slower); the results agree to fp32 rounding.
+  Conv2D is 5-20x slower); the results agree to fp32 rounding.
 * Tiled decoding places equal-size tiles evenly over the latent (one compiled shape) and blends every overlap with
   linear weights that sum to one; diffusers' ``tiled_decode`` uses ragged edge tiles and crops. The two agree with the
   untiled decode to a similar degree, not with each other.
