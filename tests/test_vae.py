@@ -5,14 +5,13 @@ Budgets (relative Frobenius error ||ms - ref|| / ||ref||): fp32 <= 1e-5 in graph
 fp16 <= 5e-3 against the fp32 reference (measured ~2.6e-3). Tiled vs untiled decode: see ``TILED_BUDGET``.
 """
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_torch_, rel_err
+from conftest import load_tool, randomize_torch_, rel_err
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from PIL import Image
 from safetensors.numpy import load_file, save_file
@@ -252,9 +251,7 @@ def test_cli_round_trip(ref, tmp_path):
     """tools/vae.py encode then decode (npz and PNGs), in-process, against the library functions."""
     if ref["name"] != "three-level":
         pytest.skip("one config is enough")
-    spec = importlib.util.spec_from_file_location("vae_cli", os.path.join(os.path.dirname(__file__), "../tools/vae.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("vae")
     previous = ms.get_context("mode")
     images = vae.to_uint8(ref["x"])
     paths = []
