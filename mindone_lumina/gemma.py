@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -347,6 +348,40 @@ def read_config(folder: str) -> GemmaConfig:
             return GemmaConfig.from_hf_config(json.load(f))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read the Gemma config {path}: {e}") from e
+
+
+def save_gemma(folder: str, cfg: GemmaConfig, state: Mapping, tokenizer) -> None:
+    """Write a Hugging Face ``GemmaModel`` folder (config.json, model.safetensors, tokenizer files) that
+    ``load_gemma`` and transformers read; files go to a temporary folder renamed at the end."""
+    from safetensors.numpy import save_file
+
+    if os.path.exists(folder) and os.listdir(folder):
+        raise ValueError(f"{folder} exists and is not empty; refusing to overwrite a text encoder")
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".gemma-")
+    hf = {**dataclasses.asdict(cfg), "model_type": "gemma", "architectures": ["GemmaModel"],
+          "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "pad_token_id": 0,
+          "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True, "torch_dtype": "float32"}  # fmt: skip
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf, f, indent=1)
+    save_file(
+        {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, os.path.join(tmp, "model.safetensors")
+    )
+    tokenizer.save_pretrained(tmp)
+    if os.path.isdir(folder):
+        os.rmdir(folder)
+    os.replace(tmp, folder)
+
+
+def random_gemma_state(cfg: GemmaConfig, seed: int = 0, std: float = 0.02) -> dict:
+    """GemmaModel-named weights as the Hugging Face initialiser draws them (normal(0, std), norm weights 0 = scale 1):
+    a frozen random encoder for small models trained from scratch, whose features still identify the tokens."""
+    rng = np.random.default_rng(seed)
+    return {
+        p.name: (np.zeros(p.shape) if "norm" in p.name else std * rng.standard_normal(p.shape)).astype(np.float32)
+        for p in GemmaEncoder(cfg).get_parameters()
+    }
 
 
 def load_gemma(folder: str, dtype=ms.float32, cfg: GemmaConfig | None = None) -> GemmaEncoder:

@@ -1,0 +1,552 @@
+"""Flow-matching training of Next-DiT: recipe, data with cached features, the compiled train step, checkpoints.
+
+Loss (time convention in ``sampling.py``): with data x1, noise x0 and t ~ U(0, 1) (or logit-normal),
+``x_t = t x1 + (1 - t) x0`` and the model is regressed onto the velocity ``x1 - x0`` (mean squared error), as
+Lumina-T2X ``lumina_next_t2i_mini/train.py`` / ``transport.py``.
+
+Everything random (shuffling, caption dropout, t, noise) is drawn on the host from ``(seed, step, rank)``, so a resumed
+run continues bit for bit. The forward, backward, gradient clipping and optimizer update are one compiled graph.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import yaml
+from safetensors.numpy import load_file, save_file
+
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+from . import gemma, nextdit
+from . import vae as vae_lib
+from .layers import parameter_count
+from .loading import load_state_dict
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Recipe
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training recipe; ``configs/*.yaml`` map onto these fields one to one (unknown keys are an error)."""
+
+    data: str  # folder with images and captions.jsonl ({"image": relpath, "caption": str} per line)
+    output: str  # run folder: checkpoints/, cache/, the exported pipeline
+    model: dict | str = "nextdit-2b-gqa"  # a Next-DiT preset or constructor arguments
+    text_encoder: str = ""  # Hugging Face Gemma folder (config, safetensors, tokenizer files)
+    vae: str | None = None  # diffusers vae/ folder; None trains in pixel space (images in [-1, 1])
+    resolution: int = 1024  # pixels per side of the target area; buckets keep about resolution^2 pixels
+    aspect_ratios: tuple = (1.0,)  # width / height of the buckets
+    bucket_multiple: int = 16
+    caption_dropout: float = 0.1  # to the empty prompt, for classifier-free guidance
+    max_caption_tokens: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 1e-4
+    lr_schedule: str = "constant"  # or "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    t_sampling: str = "uniform"  # or "logit_normal"
+    recompute: bool = False
+    seed: int = 0
+    save_every: int = 500
+    log_every: int = 50
+    init: str | None = None  # a Next-DiT checkpoint in any format the converter reads
+    mode: str = "graph"
+
+    def __post_init__(self):
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.t_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"t_sampling must be uniform or logit_normal, got {self.t_sampling!r}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        for name in ("batch_size", "grad_accum", "steps", "save_every", "log_every", "resolution"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides) -> "TrainConfig":
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot read recipe {path}: {e}") from e
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown recipe key(s) {unknown}; known keys: {sorted(known)}")
+        if "aspect_ratios" in raw:
+            raw["aspect_ratios"] = tuple(raw["aspect_ratios"])
+        return cls(**raw)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant or cosine decay to 0 at ``cfg.steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data: buckets, images, cached latents and caption features
+# ------------------------------------------------------------------------------------------------------------------
+def buckets(resolution: int, aspect_ratios, multiple: int) -> list:
+    """(height, width) pairs of about ``resolution^2`` pixels, sides multiples of ``multiple``."""
+    out = []
+    for ar in aspect_ratios:
+        h = max(multiple, round(resolution / math.sqrt(ar) / multiple) * multiple)
+        w = max(multiple, round(resolution * math.sqrt(ar) / multiple) * multiple)
+        out.append((h, w))
+    return sorted(set(out))
+
+
+def read_captions(folder: str) -> list:
+    path = os.path.join(folder, "captions.jsonl")
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} has no captions.jsonl (one {{'image': ..., 'caption': ...}} per line)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not JSON ({e})") from e
+            if not isinstance(row.get("image"), str) or not isinstance(row.get("caption"), str):
+                raise ValueError(f"{path} line {n}: needs string fields 'image' and 'caption'")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} lists no images")
+    return rows
+
+
+def load_image(path: str, bucket_list: list):
+    """The image resized and centre-cropped to the bucket nearest its aspect ratio, as (3, H, W) in [-1, 1], or
+    None when it cannot be read or is smaller than the smallest bucket."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (OSError, UnidentifiedImageError):
+        return None
+    w, h = im.size
+    if h * w < min(bh * bw for bh, bw in bucket_list):
+        return None
+    bh, bw = min(bucket_list, key=lambda b: abs(math.log((w / h) / (b[1] / b[0]))))
+    scale = max(bh / h, bw / w)
+    im = im.resize((max(bw, round(w * scale)), max(bh, round(h * scale))), Image.BICUBIC)
+    left, top = (im.width - bw) // 2, (im.height - bh) // 2
+    arr = np.asarray(im.crop((left, top, left + bw, top + bh)), np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1)) / 127.5 - 1.0
+
+
+def _file_digest(folder: str) -> str:
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            if name.endswith((".safetensors", ".json")):
+                with open(os.path.join(root, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Dataset:
+    """Cached training samples: ``latents[i]`` (C, h, w) grouped by bucket, caption features per sample."""
+
+    latents: list  # float32 arrays
+    cap_feats: np.ndarray  # (N, Lc, D) float32, padded to one length
+    cap_mask: np.ndarray  # (N, Lc) int32
+    empty_feats: np.ndarray  # (Lc, D) features of "" (caption dropout)
+    empty_mask: np.ndarray  # (Lc,)
+    skipped: dict = field(default_factory=dict)  # reason -> count
+
+
+def prepare_data(cfg: TrainConfig, tokenizer, encoder, vae=None, log=print) -> Dataset:
+    """Read images and captions once and cache their latents and Gemma features under ``output/cache``.
+
+    The cache key holds the encoder and VAE weights, the buckets and each caption/image, so a changed model or
+    resolution is recomputed rather than silently reused.
+    """
+    cache_dir = os.path.join(cfg.output, "cache")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=cache_dir, delete=True)
+        probe.close()
+    except OSError as e:
+        raise ValueError(f"cache directory {cache_dir} cannot be written: {e}") from e
+    bucket_list = buckets(cfg.resolution, cfg.aspect_ratios, cfg.bucket_multiple)
+    rows = read_captions(cfg.data)
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "encoder": _file_digest(cfg.text_encoder),
+                "vae": None if cfg.vae is None else _file_digest(cfg.vae),
+                "buckets": bucket_list,
+                "tokens": cfg.max_caption_tokens,
+                "rows": rows,
+            }
+        ).encode()
+    ).hexdigest()[:20]
+    path = os.path.join(cache_dir, f"features-{key}.safetensors")
+    if os.path.isfile(path):
+        log(f"reusing cached latents and caption features {path}")
+        return _dataset_from_arrays(load_file(path))
+
+    images, captions, skipped = [], [], {}
+    for row in rows:
+        img = load_image(os.path.join(cfg.data, row["image"]), bucket_list)
+        if img is None:
+            skipped["unreadable or too small"] = skipped.get("unreadable or too small", 0) + 1
+            continue
+        images.append(img)
+        captions.append(row["caption"])
+    if not images:
+        raise ValueError(f"{cfg.data}: none of the {len(rows)} images could be read at buckets {bucket_list}")
+    if skipped:
+        log(f"skipped images: {skipped}")
+    arrays = {}
+    for i, img in enumerate(images):
+        z = img[None] if vae is None else vae_lib.images_to_latents(vae, img[None])
+        arrays[f"latent.{i}"] = np.ascontiguousarray(z[0], np.float32)  # safetensors writes the raw buffer
+    feats, mask = _encode_unique(tokenizer, encoder, captions + [""], cfg.max_caption_tokens)
+    arrays.update(cap_feats=feats[:-1], cap_mask=mask[:-1], empty_feats=feats[-1], empty_mask=mask[-1])
+    arrays["skipped"] = np.array([sum(skipped.values())], np.int64)
+    tmp = path + ".tmp"
+    save_file(arrays, tmp)
+    os.replace(tmp, path)
+    log(f"cached {len(images)} samples in {path}")
+    return _dataset_from_arrays(arrays, skipped)
+
+
+def _encode_unique(tokenizer, encoder, captions: list, max_tokens: int):
+    """Gemma features of each distinct caption once, padded to one length (a multiple of 8) for one graph shape."""
+    unique = sorted(set(captions))
+    feats, masks = {}, {}
+    for start in range(0, len(unique), 64):
+        chunk = unique[start : start + 64]
+        f, m = gemma.encode_prompts(tokenizer, encoder, chunk, negative_prompt=None, max_length=max_tokens)
+        for text, fi, mi in zip(chunk, f.astype(ms.float32).asnumpy(), m.asnumpy()):
+            feats[text], masks[text] = fi, mi
+    length = max(int(m.sum()) for m in masks.values())
+    length = min(max_tokens, (length + 7) // 8 * 8)
+    out_f = np.zeros((len(captions), length, encoder.cfg.hidden_size), np.float32)
+    out_m = np.zeros((len(captions), length), np.int32)
+    for i, text in enumerate(captions):
+        n = min(length, feats[text].shape[0])
+        out_f[i, :n], out_m[i, :n] = feats[text][:n], masks[text][:n]
+    return out_f, out_m
+
+
+def _dataset_from_arrays(arrays: dict, skipped=None) -> Dataset:
+    n = sum(1 for k in arrays if k.startswith("latent."))
+    return Dataset(
+        [arrays[f"latent.{i}"] for i in range(n)],
+        arrays["cap_feats"],
+        arrays["cap_mask"],
+        arrays["empty_feats"],
+        arrays["empty_mask"],
+        skipped or {"unreadable or too small": int(arrays["skipped"][0])},
+    )
+
+
+def batch_indices(ds: Dataset, cfg: TrainConfig, step: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """The sample indices of global ``step`` for ``rank``: a per-epoch permutation from (seed, epoch) within each
+    bucket, the global batch split into ``world`` disjoint shards."""
+    shapes = sorted({z.shape for z in ds.latents})
+    groups = [np.array([i for i, z in enumerate(ds.latents) if z.shape == s]) for s in shapes]
+    global_batch = cfg.batch_size * world
+    per_epoch = [len(g) // global_batch for g in groups]
+    if sum(per_epoch) == 0:
+        raise ValueError(f"{len(ds.latents)} samples cannot fill one global batch of {global_batch} in any bucket")
+    epoch, k = divmod(step, sum(per_epoch))
+    rng = np.random.default_rng([cfg.seed, epoch])
+    order = [(gi, b) for gi, nb in enumerate(per_epoch) for b in range(nb)]
+    gi, b = order[rng.permutation(len(order))[k]]
+    perm = groups[gi][rng.permutation(len(groups[gi]))]
+    chunk = perm[b * global_batch : (b + 1) * global_batch]
+    return chunk[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
+
+
+def make_batch(ds: Dataset, cfg: TrainConfig, step: int, rank: int = 0, world: int = 1):
+    """Host-side batch for ``step``: x1, noise x0, t, caption features (with dropout) and mask."""
+    idx = batch_indices(ds, cfg, step, rank, world)
+    rng = np.random.default_rng([cfg.seed, step, rank, 1])
+    x1 = np.stack([ds.latents[i] for i in idx])
+    x0 = rng.standard_normal(x1.shape).astype(np.float32)
+    if cfg.t_sampling == "uniform":
+        t = rng.uniform(0.0, 1.0, len(idx))
+    else:
+        t = 1.0 / (1.0 + np.exp(-rng.standard_normal(len(idx))))
+    drop = rng.uniform(0.0, 1.0, len(idx)) < cfg.caption_dropout
+    feats, mask = ds.cap_feats[idx].copy(), ds.cap_mask[idx].copy()
+    feats[drop], mask[drop] = ds.empty_feats, ds.empty_mask
+    return x1, x0, t.astype(np.float32), feats, mask, idx
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The compiled step
+# ------------------------------------------------------------------------------------------------------------------
+class FlowMatchingLoss(nn.Cell):
+    """Velocity MSE on ``x_t = t x1 + (1 - t) x0`` (per-sample mean, then batch mean)."""
+
+    def __init__(self, model: nextdit.NextDiT):
+        super().__init__()
+        self.model = model
+
+    def construct(self, x1, x0, t, cap_feats, cap_mask, cos, sin, gain):
+        tt = t[:, None, None, None]
+        xt = tt * x1 + (1.0 - tt) * x0
+        v = self.model(xt, t, cap_feats, cap_mask, cos, sin, gain)
+        diff = v - (x1 - x0)
+        return (diff * diff).mean()
+
+
+_ema_update = ops.MultitypeFuncGraph("ema_update")
+
+
+@_ema_update.register("Tensor", "Tensor", "Tensor")
+def _ema_one(decay, ema, param):
+    return ops.assign(ema, ema * decay + param * (1.0 - decay))
+
+
+_accumulate = ops.MultitypeFuncGraph("accumulate")
+
+
+@_accumulate.register("Tensor", "Tensor")
+def _accumulate_one(acc, grad):
+    return ops.assign_add(acc, grad)
+
+
+_zero = ops.MultitypeFuncGraph("zero")
+
+
+@_zero.register("Tensor")
+def _zero_one(acc):
+    return ops.assign(acc, ops.zeros_like(acc))
+
+
+_scale = ops.MultitypeFuncGraph("scale")
+
+
+@_scale.register("Number", "Tensor")
+def _scale_one(factor, grad):
+    return grad * factor
+
+
+class Trainer(nn.Cell):
+    """Owns model, optimizer, EMA and gradient buffers; ``step`` and ``apply`` are compiled graphs."""
+
+    def __init__(self, model: nextdit.NextDiT, cfg: TrainConfig, world: int = 1):
+        super().__init__()
+        # MindSpore prefixes parameter names with the path of the Cells that hold them; keep the model's own names
+        self.param_names = tuple(p.name for p in model.trainable_params())
+        self.loss = FlowMatchingLoss(model)
+        params = model.trainable_params()
+        self.params = ParameterTuple(params)
+        self.lr = Parameter(Tensor(cfg.lr, ms.float32), name="lr", requires_grad=False)
+        # nn.AdamWeightDecay: mint's AdamW has no CPU kernel
+        self.optimizer = nn.AdamWeightDecay(params, learning_rate=self.lr, weight_decay=cfg.weight_decay)
+        self.ema = self.params.clone("ema", "same")
+        self.grads = self.params.clone("grad_acc", "zeros")
+        self.ema_decay = Tensor(cfg.ema_decay, ms.float32)
+        self.clip = cfg.grad_clip
+        self.accum = cfg.grad_accum
+        self.hyper_map = ops.HyperMap()
+        self.grad_fn = ms.value_and_grad(self.loss, None, self.params)
+        # data parallel (msrun): gradients are mean-reduced across ranks before they are accumulated
+        self.grad_reducer = nn.DistributedGradReducer(params, mean=True, degree=world) if world > 1 else None
+
+    @ms.jit
+    def accumulate(self, x1, x0, t, cap_feats, cap_mask, cos, sin, gain):
+        loss, grads = self.grad_fn(x1, x0, t, cap_feats, cap_mask, cos, sin, gain)
+        if self.grad_reducer is not None:
+            grads = self.grad_reducer(grads)
+        self.hyper_map(_accumulate, self.grads, grads)
+        return loss
+
+    @ms.jit
+    def apply(self):
+        """Average the accumulated gradients, clip their global norm, update, reset the buffers, update the EMA."""
+        grads = self.hyper_map(ops.partial(_scale, 1.0 / self.accum), self.grads)
+        grad_norm = ops.sqrt(ops.addn([ops.reduce_sum(g * g) for g in grads]))  # before clipping
+        grads = ops.clip_by_global_norm(grads, self.clip)
+        self.optimizer(grads)
+        self.hyper_map(_zero, self.grads)
+        self.hyper_map(ops.partial(_ema_update, self.ema_decay), self.ema, self.params)
+        return grad_norm
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checkpoints: a folder per save, the "latest" pointer replaced last
+# ------------------------------------------------------------------------------------------------------------------
+def _save_arrays(path: str, arrays: dict):
+    tmp = path + ".tmp"
+    save_file(arrays, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run: str, trainer, step: int, state: dict) -> str:
+    """Write model, EMA and optimizer state to ``checkpoints/step_N`` (via a temporary folder) and then point
+    ``checkpoints/latest`` at it; a save killed at any point leaves the previous checkpoint the latest."""
+    root = os.path.join(run, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step_{step:07d}")
+    tmp = tempfile.mkdtemp(dir=root, prefix=".saving-")
+    model = {n: p.asnumpy() for n, p in zip(trainer.param_names, trainer.params)}
+    ema = {n: e.asnumpy() for n, e in zip(trainer.param_names, trainer.ema)}
+    own = {id(p) for p in trainer.params}
+    opt = {p.name: p.asnumpy() for p in trainer.optimizer.get_parameters() if id(p) not in own}
+    _save_arrays(os.path.join(tmp, "model.safetensors"), model)
+    _save_arrays(os.path.join(tmp, "ema.safetensors"), ema)
+    _save_arrays(os.path.join(tmp, "optimizer.safetensors"), opt)
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({**state, "step": step}, f)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = os.path.join(root, "latest")
+    with open(pointer + ".tmp", "w") as f:
+        f.write(os.path.basename(final))
+    os.replace(pointer + ".tmp", pointer)
+    return final
+
+
+def latest_checkpoint(run: str) -> str | None:
+    pointer = os.path.join(run, "checkpoints", "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        return os.path.join(run, "checkpoints", f.read().strip())
+
+
+def load_checkpoint(folder: str, trainer) -> dict:
+    model = load_file(os.path.join(folder, "model.safetensors"))
+    ema = load_file(os.path.join(folder, "ema.safetensors"))
+    opt = load_file(os.path.join(folder, "optimizer.safetensors"))
+    for n, p, e in zip(trainer.param_names, trainer.params, trainer.ema):
+        p.set_data(Tensor(model[n], p.dtype))
+        e.set_data(Tensor(ema[n], e.dtype))
+    own = {id(p) for p in trainer.params}
+    for p in trainer.optimizer.get_parameters():
+        if id(p) not in own and p.name in opt:
+            p.set_data(Tensor(opt[p.name], p.dtype))
+    with open(os.path.join(folder, "state.json")) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig, cap_dim: int) -> nextdit.NextDiT:
+    arch = nextdit.resolve_config(cfg.model)
+    if arch.cap_feat_dim != cap_dim:
+        raise ValueError(f"model cap_feat_dim {arch.cap_feat_dim} != text encoder hidden size {cap_dim}")
+    model = nextdit.NextDiT(arch)
+    if cfg.init:
+        from .nextdit_weights import load_nextdit_state
+
+        load_state_dict(model, load_nextdit_state(cfg.init, arch), what=cfg.init)
+    if cfg.recompute:
+        for block in model.layers:
+            block.recompute()
+    return model
+
+
+def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after=None):
+    """Train (or resume) the run in ``cfg.output``; returns the trainer. ``stop_after`` ends early (for tests)."""
+    ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == "graph" else ms.PYNATIVE_MODE)
+    ms.set_seed(cfg.seed)
+    tokenizer = gemma.load_tokenizer(cfg.text_encoder)
+    encoder = gemma.load_gemma(cfg.text_encoder)
+    vae = None if cfg.vae is None else vae_lib.load_vae(cfg.vae)
+    ds = prepare_data(cfg, tokenizer, encoder, vae, log)
+    del encoder, vae
+    model = build_model(cfg, ds.cap_feats.shape[-1])
+    trainer = Trainer(model, cfg, world)
+    start = 0
+    resume = latest_checkpoint(cfg.output)
+    if resume:
+        start = load_checkpoint(resume, trainer)["step"]
+        log(f"resumed from {resume} at step {start}")
+    log(f"Next-DiT {parameter_count(model):,} parameters, {len(ds.latents)} samples, start step {start}")
+    tables = {}
+    history = []
+    t_log = time.perf_counter()
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    for step in range(start, end):
+        trainer.lr.set_data(Tensor(lr_at(cfg, step), ms.float32))
+        losses = []
+        for micro in range(cfg.grad_accum):
+            x1, x0, t, feats, mask, _ = make_batch(ds, cfg, step * cfg.grad_accum + micro, rank, world)
+            if x1.shape[2:] not in tables:
+                tables[x1.shape[2:]] = nextdit.rope_inputs(model.cfg, x1.shape[2], x1.shape[3], 1.0)
+            cos, sin, gain = tables[x1.shape[2:]]
+            losses.append(float(trainer.accumulate(*map(Tensor, (x1, x0, t, feats, mask)), cos, sin, gain).asnumpy()))
+        grad_norm = float(trainer.apply().asnumpy())
+        history.append((step + 1, float(np.mean(losses)), lr_at(cfg, step)))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+            rate = cfg.log_every * cfg.batch_size * cfg.grad_accum * world / (time.perf_counter() - t_log)
+            log(f"step {step + 1}/{cfg.steps} loss {history[-1][1]:.4f} lr {history[-1][2]:.2e} "
+                f"grad_norm {grad_norm:.3f} {rate:.1f} samples/s")  # fmt: skip
+            t_log = time.perf_counter()
+        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == end):
+            save_checkpoint(cfg.output, trainer, step + 1, {"history": history[-cfg.save_every :]})
+    trainer.history = history
+    return trainer
+
+
+def export_pipeline(cfg: TrainConfig, trainer: Trainer, folder: str, use_ema: bool = True) -> None:
+    """Write a pipeline folder ``LuminaNextPipeline.from_pretrained`` reads: model_index.json, transformer/ (config.json
+    + original-named safetensors, EMA weights by default), text_encoder/ and tokenizer/ (copies), vae/ or none."""
+    from .nextdit_weights import diffusers_config
+
+    if os.path.exists(folder) and os.listdir(folder):
+        raise ValueError(f"{folder} exists and is not empty; refusing to overwrite")
+    model = trainer.loss.model
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
+    os.makedirs(os.path.join(tmp, "transformer"))
+    factor = 1 if cfg.vae is None else 8
+    conf = {**diffusers_config(model.cfg), "sample_size": cfg.resolution // factor}
+    with open(os.path.join(tmp, "transformer", "config.json"), "w") as f:
+        json.dump(conf, f, indent=1)
+    source = trainer.ema if use_ema else trainer.params
+    weights = {n: p.asnumpy() for n, p in zip(trainer.param_names, source)}
+    save_file(weights, os.path.join(tmp, "transformer", "model.safetensors"))
+    shutil.copytree(cfg.text_encoder, os.path.join(tmp, "text_encoder"))
+    shutil.copytree(cfg.text_encoder, os.path.join(tmp, "tokenizer"))
+    if cfg.vae is not None:
+        shutil.copytree(vae_lib.vae_folder(cfg.vae), os.path.join(tmp, "vae"))
+    index = {
+        "_class_name": "LuminaPipeline",
+        "transformer": ["diffusers", "LuminaNextDiT2DModel"],
+        "text_encoder": ["transformers", "GemmaModel"],
+        "tokenizer": ["transformers", "GemmaTokenizerFast"],
+        "vae": None if cfg.vae is None else ["diffusers", "AutoencoderKL"],
+        "train_size": cfg.resolution,
+    }
+    with open(os.path.join(tmp, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    if os.path.isdir(folder):
+        os.rmdir(folder)
+    os.replace(tmp, folder)
