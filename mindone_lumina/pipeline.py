@@ -83,7 +83,7 @@ class LuminaNextPipeline:
         vae: a ``vae.AutoencoderKL`` or None.
         train_size: pixels per side of the training area (1024 for Lumina-Next); the default output size and the
             reference for RoPE extrapolation and proportional attention.
-        vae_tiling: decode in tiles (``vae.Tiling``) to bound memory at large sizes.
+        vae_tiling: decode in tiles (``vae.Tiling``) to bound memory; default: tiles beyond 512x512 pixels.
     """
 
     def __init__(self, transformer, text_encoder, tokenizer, vae=None, train_size: int = 1024, vae_tiling=None):
@@ -218,7 +218,10 @@ class LuminaNextPipeline:
             if not np.isfinite(latents).all():
                 raise ValueError("the sampled image contains non-finite values; the denoiser diverged")
             return [Image.fromarray(a) for a in vae_lib.to_uint8(latents)]
-        return vae_lib.latents_to_images(self.vae, latents, self.vae_tiling)
+        tiling = self.vae_tiling
+        if tiling is None and latents.shape[2] * latents.shape[3] > 64 * 64:
+            tiling = vae_lib.Tiling()  # beyond 512^2 an untiled SDXL decode needs > 20 GB in CPU graph mode
+        return vae_lib.latents_to_images(self.vae, latents, tiling)
 
     def encode_images(self, image) -> np.ndarray:
         if self.vae is None:
