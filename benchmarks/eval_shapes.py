@@ -22,7 +22,32 @@ def evaluate(pipe, prompts, settings: SampleSettings, seed: int = 0):
     start = time.perf_counter()
     out = pipe(prompts, seed=seed, settings=settings, progress=False)
     seconds = (time.perf_counter() - start) / len(prompts)
-    return shapes.score(prompts, [np.asarray(im) for im in out.images]), seconds
+    return shapes.score(prompts, [np.asarray(im) for im in out.images]), seconds, out.images
+
+
+def contact_sheet(prompts, images, path: str, cols: int = 4, scale: int = 4):
+    """Images upscaled ``scale`` x (nearest) with their prompts and the detector's verdict underneath."""
+    from PIL import Image, ImageDraw
+
+    w, h = images[0].width * scale, images[0].height * scale
+    cell_w, cell_h = max(w, 260), h + 44
+    rows = (len(images) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (prompt, im) in enumerate(zip(prompts, images)):
+        x, y = (i % cols) * cell_w, (i // cols) * cell_h
+        sheet.paste(im.resize((w, h), Image.NEAREST), (x + (cell_w - w) // 2, y))
+        want, got = shapes.parse_prompt(prompt), shapes.detect(np.asarray(im))
+        ok = (
+            "ok"
+            if all(want[k] == got[k] for k in want)
+            else f"seen: {got['colour']} {got['shape']} / {got['background']}"
+        )
+        words = prompt.split(" in the ")
+        draw.text((x + 4, y + h + 2), words[0][:40], fill="black")
+        draw.text((x + 4, y + h + 14), ("in the " + words[1])[:40] if len(words) > 1 else "", fill="black")
+        draw.text((x + 4, y + h + 28), ok[:40], fill=(0, 120, 0) if ok == "ok" else (200, 0, 0))
+    sheet.save(path)
 
 
 def main():
@@ -31,12 +56,13 @@ def main():
     p.add_argument("--num", type=int, default=240)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--table", action="store_true")
+    p.add_argument("--sheet", default=None, help="also write a contact sheet PNG of the first 24 prompts")
     args = p.parse_args()
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
     pipe = LuminaNextPipeline.from_pretrained(args.model)
     prompts = [shapes.caption(s) for s in shapes.heldout_scenes(args.num, seed=args.seed)]
-    evaluate(pipe, prompts[:2], SampleSettings(num_steps=2))  # compile outside the timings
+    evaluate(pipe, prompts, SampleSettings(num_steps=2))  # compile outside the timings
     print(f"# {args.num} held-out prompts, seed {args.seed}, MindSpore {ms.__version__} graph mode, CPU")
     print("| steps | solver | schedule | background | shape colour | shape class | s/image |")
     print("|---|---|---|---|---|---|---|")
@@ -49,7 +75,9 @@ def main():
             for sc in ("uniform", "shift", "sigmoid")
         ]
     for steps, solver, schedule in grid:
-        acc, sec = evaluate(pipe, prompts, SampleSettings(num_steps=steps, solver=solver, schedule=schedule))
+        acc, sec, images = evaluate(pipe, prompts, SampleSettings(num_steps=steps, solver=solver, schedule=schedule))
+        if args.sheet and (steps, solver, schedule) == grid[0]:
+            contact_sheet(prompts[:24], images[:24], args.sheet)
         print(f"| {steps} | {solver} | {schedule} | {acc['background']:.1%} | {acc['colour']:.1%} "
               f"| {acc['shape']:.1%} | {sec:.3f} |", flush=True)  # fmt: skip
 
