@@ -287,16 +287,22 @@ def batch_indices(ds: Dataset, cfg: TrainConfig, step: int, rank: int = 0, world
 
 
 def make_batch(ds: Dataset, cfg: TrainConfig, step: int, rank: int = 0, world: int = 1):
-    """Host-side batch for ``step``: x1, noise x0, t, caption features (with dropout) and mask."""
+    """Host-side batch for ``step``: x1, noise x0, t, caption features (with dropout) and mask.
+
+    Noise, t and dropout are drawn for the whole global batch from (seed, step) and then sliced by rank, so the
+    ranks of a data-parallel run together see exactly what one process with the global batch sees.
+    """
     idx = batch_indices(ds, cfg, step, rank, world)
-    rng = np.random.default_rng([cfg.seed, step, rank, 1])
+    rng = np.random.default_rng([cfg.seed, step, 1])
+    shape = ds.latents[idx[0]].shape
+    n = cfg.batch_size * world
+    x0 = rng.standard_normal((n, *shape)).astype(np.float32)
+    u = rng.standard_normal(n) if cfg.t_sampling == "logit_normal" else rng.uniform(0.0, 1.0, n)
+    t = 1.0 / (1.0 + np.exp(-u)) if cfg.t_sampling == "logit_normal" else u
+    drop = rng.uniform(0.0, 1.0, n) < cfg.caption_dropout
+    mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+    x0, t, drop = x0[mine], t[mine], drop[mine]
     x1 = np.stack([ds.latents[i] for i in idx])
-    x0 = rng.standard_normal(x1.shape).astype(np.float32)
-    if cfg.t_sampling == "uniform":
-        t = rng.uniform(0.0, 1.0, len(idx))
-    else:
-        t = 1.0 / (1.0 + np.exp(-rng.standard_normal(len(idx))))
-    drop = rng.uniform(0.0, 1.0, len(idx)) < cfg.caption_dropout
     feats, mask = ds.cap_feats[idx].copy(), ds.cap_mask[idx].copy()
     feats[drop], mask[drop] = ds.empty_feats, ds.empty_mask
     return x1, x0, t.astype(np.float32), feats, mask, idx
@@ -489,14 +495,15 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after
         log(f"resumed from {resume} at step {start}")
     log(f"Next-DiT {parameter_count(model):,} parameters, {len(ds.latents)} samples, start step {start}")
     tables = {}
-    history = []
+    history, seen = [], []
     t_log = time.perf_counter()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     for step in range(start, end):
         trainer.lr.set_data(Tensor(lr_at(cfg, step), ms.float32))
         losses = []
         for micro in range(cfg.grad_accum):
-            x1, x0, t, feats, mask, _ = make_batch(ds, cfg, step * cfg.grad_accum + micro, rank, world)
+            x1, x0, t, feats, mask, idx = make_batch(ds, cfg, step * cfg.grad_accum + micro, rank, world)
+            seen.extend(int(i) for i in idx)
             if x1.shape[2:] not in tables:
                 tables[x1.shape[2:]] = nextdit.rope_inputs(model.cfg, x1.shape[2], x1.shape[3], 1.0)
             cos, sin, gain = tables[x1.shape[2:]]
@@ -510,7 +517,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after
             t_log = time.perf_counter()
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == end):
             save_checkpoint(cfg.output, trainer, step + 1, {"history": history[-cfg.save_every :]})
-    trainer.history = history
+    trainer.history, trainer.seen = history, seen  # per step (step, loss, lr); sample indices this rank used
     return trainer
 
 

@@ -85,8 +85,8 @@ def test_feature_cache_reused_and_invalidated(tmp_path, data_and_encoder):
     path = recipe(tmp_path, data_and_encoder, steps=1)
     training.train(training.TrainConfig.from_yaml(path), log=first.append)
     training.train(training.TrainConfig.from_yaml(path, steps=2), log=second.append)
-    training.train(training.TrainConfig.from_yaml(recipe(tmp_path, data_and_encoder, steps=3, resolution=8, bucket_multiple=8)),
-                   log=third.append)  # fmt: skip
+    small = recipe(tmp_path, data_and_encoder, steps=3, resolution=8, bucket_multiple=8)
+    training.train(training.TrainConfig.from_yaml(small), log=third.append)
     assert any(line.startswith("cached 2 samples") for line in first)
     assert any(line.startswith("reusing cached") for line in second)
     assert any(line.startswith("cached 2 samples") for line in third)  # a new resolution is recomputed
@@ -112,3 +112,29 @@ def test_lr_schedule():
     assert training.lr_at(cfg, 10) == pytest.approx(1.0)
     assert training.lr_at(cfg, 60) == pytest.approx(0.5)
     assert training.lr_at(cfg, 110) == pytest.approx(0.0)
+
+
+def test_msrun_data_parallel_matches_single_process(tmp_path, data_and_encoder):
+    """2 CPU workers (mccl) with 1 sample each == one process with the global batch of 2."""
+    import socket
+    import subprocess
+    import sys
+
+    path = recipe(tmp_path, data_and_encoder, steps=4, batch_size=1, save_every=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    worker = os.path.join(os.path.dirname(__file__), "dp_worker.py")
+    cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+           "--join=True", "--cluster_time_out=240", f"--log_dir={tmp_path / 'logs'}"]  # fmt: skip
+    cmd += [worker, path, str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in (0, 1)]
+    assert not set(ranks[0].pop("seen")) & set(ranks[1].pop("seen"))  # disjoint shards
+    single = training.train(training.TrainConfig.from_yaml(path, output=str(tmp_path / "single"), batch_size=2))
+    for name, p in zip(single.param_names, single.params):
+        assert np.array_equal(ranks[0][name], ranks[1][name]), name  # ranks in lockstep
+        ref = p.asnumpy()
+        assert np.abs(ranks[0][name] - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max()), name  # reduction order only
