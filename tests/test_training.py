@@ -138,3 +138,9 @@ def test_msrun_data_parallel_matches_single_process(tmp_path, data_and_encoder):
         assert np.array_equal(ranks[0][name], ranks[1][name]), name  # ranks in lockstep
         ref = p.asnumpy()
         assert np.abs(ranks[0][name] - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max()), name  # reduction order only
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(__file__), os.pardir, "configs"))))
+def test_shipped_recipes_parse(name):
+    cfg = training.TrainConfig.from_yaml(os.path.join(os.path.dirname(__file__), os.pardir, "configs", name))
+    assert training.buckets(cfg.resolution, cfg.aspect_ratios, cfg.bucket_multiple)
