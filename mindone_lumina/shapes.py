@@ -3,13 +3,17 @@
 Used to train and measure the bundled default model: one shape of a colour, size and position on a solid background,
 captioned "a small red circle in the top left on a blue background". A fixed set of (shape, colour, background)
 combinations never appears in training (``HELDOUT``), so the score measures composition, not memorisation.
+
+Without an ``rng``, ``render`` and ``caption`` give the canonical image and caption of a scene (the data the bundled
+model was trained on); with one, they add layout jitter and caption variety.
 """
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
-COLOURS = {
+COLOURS = {  # pairwise RGB distance >= 190, so blur and noise do not move a pixel to another name
     "red": (220, 40, 40),
     "green": (40, 180, 60),
     "blue": (40, 70, 220),
@@ -28,6 +32,13 @@ POSITIONS = {  # centre of the shape's box, as fractions of the image side (x, y
 }
 TRIPLES = tuple((s, c, b) for s in SHAPES for c in COLOURS for b in COLOURS if c != b)  # 90 combinations
 HELDOUT = frozenset(TRIPLES[i] for i in range(3, len(TRIPLES), 7))  # 13 of 90; every word still seen in training
+TEMPLATES = (  # the first is the canonical caption; each names the background after "on" or before "background"
+    "a {size} {colour} {shape} in the {position} on a {background} background",
+    "a {size} {colour} {shape} on a {background} background",
+    "a {colour} {shape} in the {position} on {background}",
+    "a {background} background with a {size} {colour} {shape} in the {position}",
+)
+SIZE_JITTER, POSITION_JITTER = 0.08, 0.04  # relative side, and centre shift as a fraction of the image side
 
 
 @dataclass(frozen=True)
@@ -38,21 +49,40 @@ class Scene:
     size: str = "large"
     position: str = "center"
 
+    def __post_init__(self):
+        for field, value, allowed in (
+            ("shape", self.shape, SHAPES),
+            ("colour", self.colour, COLOURS),
+            ("background", self.background, COLOURS),
+            ("size", self.size, SIZES),
+            ("position", self.position, POSITIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {field} {value!r}; expected one of {', '.join(allowed)}")
+        if self.colour == self.background:
+            raise ValueError(f"shape colour and background are both {self.colour!r}; the shape would be invisible")
 
-def caption(scene: Scene) -> str:
-    where = "in the center" if scene.position == "center" else f"in the {scene.position}"
-    return f"a {scene.size} {scene.colour} {scene.shape} {where} on a {scene.background} background"
+
+def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
+    template = TEMPLATES[0] if rng is None else TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+    return template.format(**vars(scene))
 
 
-def render(scene: Scene, size: int = 32) -> np.ndarray:
-    """(size, size, 3) uint8, drawn at 4x and box-downsampled for anti-aliased edges."""
+def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:
+    """(size, size, 3) uint8, drawn at 4x and box-downsampled for anti-aliased edges. With ``rng``, the shape's side
+    and centre are jittered by up to ``SIZE_JITTER`` and ``POSITION_JITTER``, little enough to keep every word true."""
     from PIL import Image, ImageDraw
 
+    if size < 16:
+        raise ValueError(f"image size {size} is below 16 px: a small shape would be too few pixels to recognise")
     big = size * 4
     im = Image.new("RGB", (big, big), COLOURS[scene.background])
     draw = ImageDraw.Draw(im)
     side = SIZES[scene.size] * big
     cx, cy = (v * big for v in POSITIONS[scene.position])
+    if rng is not None:
+        side *= 1 + rng.uniform(-SIZE_JITTER, SIZE_JITTER)
+        cx, cy = (v + rng.uniform(-POSITION_JITTER, POSITION_JITTER) * big for v in (cx, cy))
     cx, cy = min(max(cx, side / 2), big - side / 2), min(max(cy, side / 2), big - side / 2)
     box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
     fill = COLOURS[scene.colour]
@@ -84,60 +114,96 @@ def heldout_scenes(n: int, seed: int = 0) -> list:
 
 
 def parse_prompt(text: str) -> dict:
-    """Colour, shape and background named in a prompt (the colour word before the shape and before "background")."""
-    words = text.lower().replace(",", " ").split()
-    shape = next((w for w in words if w in SHAPES), None)
-    if shape is None:
-        raise ValueError(f"no shape ({', '.join(SHAPES)}) in prompt {text!r}")
-    before = [w for w in words[: words.index(shape)] if w in COLOURS]
-    after = [w for w in words[words.index(shape) :] if w in COLOURS]
-    if not before or not after:
-        raise ValueError(f"prompt {text!r} needs a colour before the shape and a background colour after it")
-    return {"shape": shape, "colour": before[-1], "background": after[-1]}
+    """Shape, colour and background named in a prompt, plus size and position when it names them.
+
+    The background is the colour word right before "background", else the last colour word after the shape; the shape
+    colour is the nearest other colour word before the shape.
+    """
+    words = re.findall(r"[a-z]+", text.lower())
+    named = {w for w in words if w in SHAPES}
+    if len(named) != 1:
+        raise ValueError(f"prompt {text!r} names {len(named)} shapes; expected exactly one of {', '.join(SHAPES)}")
+    at = words.index(named.pop())
+    colours = [i for i, w in enumerate(words) if w in COLOURS]
+    if "background" in words and words.index("background") - 1 in colours:
+        bg = words.index("background") - 1
+    else:
+        bg = next((i for i in reversed(colours) if i > at), None)
+    fg = next((i for i in reversed(colours) if i < at and i != bg), None)
+    if bg is None or fg is None:
+        raise ValueError(f"prompt {text!r} needs a colour before the shape and a background colour")
+    out = {"shape": words[at], "colour": words[fg], "background": words[bg]}
+    size = next((w for w in words if w in SIZES), None)
+    position = next((p for p in POSITIONS if re.search(rf"\b{p}\b", " ".join(words))), None)
+    return out | ({"size": size} if size else {}) | ({"position": position} if position else {})
 
 
-def _nearest_colour(rgb) -> str:
-    names = list(COLOURS)
-    table = np.array([COLOURS[n] for n in names], np.float32)
-    return names[int(np.argmin(((table - np.asarray(rgb, np.float32)) ** 2).sum(1)))]
+def _nearest_colours(rgb) -> np.ndarray:
+    """Index into ``COLOURS`` of the nearest named colour of each (..., 3) pixel."""
+    table = np.array(list(COLOURS.values()), np.float32)
+    return np.argmin(((np.asarray(rgb, np.float32)[..., None, :] - table) ** 2).sum(-1), axis=-1)
+
+
+def _skewness(mass) -> float:
+    """Skewness of a 1-D mass profile: 0 for a symmetric shape; a symmetric blur keeps the third moment."""
+    p = mass / max(mass.sum(), 1e-6)
+    at = np.arange(len(mass)) - (p * np.arange(len(mass))).sum()
+    return float((p * at**3).sum() / max((p * at**2).sum(), 1e-6) ** 1.5)
 
 
 def detect(image) -> dict:
-    """Background, shape colour and shape class of a generated image, by simple geometry.
+    """Background, shape colour, shape class, size and position of a generated image, by simple geometry.
 
-    Background: nearest named colour to the median border pixel. Shape: the largest connected region of pixels far
-    from the background; its colour is the nearest named colour to its median. Its class: a triangle is much narrower
-    at the top than at the bottom; a square fills its bounding box and the box's corners, a circle does not.
+    Background: the most common named colour on the border. Shape: the largest connected region of pixels far from
+    the background; its colour is the nearest named colour to its median. Geometry uses each pixel's share of shape
+    colour near that region (soft, so blur and anti-aliasing move mass without losing it): a triangle's mass profile
+    is skewed, a circle's and a square's are not; a square fills the rectangle of its widest row and tallest column,
+    a circle only pi/4 of it. Size and position: the nearest in ``SIZES`` to that side and in ``POSITIONS`` to the
+    region's bounding-box centre.
     """
     from scipy import ndimage
 
+    names = list(COLOURS)
     img = np.asarray(image, np.float32)[..., :3]
-    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
-    bg = np.median(border, axis=0)
+    border = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
+    votes = _nearest_colours(border)
+    mode = int(np.bincount(votes, minlength=len(names)).argmax())  # a large shape may cover part of the border
+    bg = np.median(border[votes == mode], axis=0)
     dist = np.sqrt(((img - bg) ** 2).sum(-1))
     far = dist > max(40.0, 0.5 * np.percentile(dist, 99))  # half-way to the shape colour: blur keeps the area
     labels, n = ndimage.label(far)
     if n == 0:
-        return {"background": _nearest_colour(bg), "colour": None, "shape": None}
+        return {"background": names[mode], "colour": None, "shape": None, "size": None, "position": None}
     region = labels == (1 + int(np.argmax(ndimage.sum(far, labels, range(1, n + 1)))))
-    core = ndimage.binary_erosion(region) if region.sum() > 30 else region
-    colour = _nearest_colour(np.median(img[core if core.any() else region], axis=0))
+    core = ndimage.binary_erosion(region) if region.sum() > 30 else region  # edge pixels are blends with the bg
+    fg = np.median(img[core if core.any() else region], axis=0)
+    span = fg - bg
+    near = ndimage.binary_dilation(region, iterations=2)  # blur spreads the shape by a pixel or two, noise elsewhere
+    alpha = np.clip((img - bg) @ span / max(float(span @ span), 1.0), 0, 1) * near  # share of shape in each pixel
+    rows, cols = alpha.sum(1), alpha.sum(0)
+    width, height = (np.sort(v)[-3:].mean() for v in (rows, cols))  # widest rows, tallest columns: blur keeps them
+    fill = alpha.sum() / max(width * height, 1e-6)  # square 1, circle pi/4
+    skew = max(abs(_skewness(rows)), abs(_skewness(cols)))  # triangle 0.57 (0.25 after a 5x5 blur), others < 0.07
+    shape = "triangle" if skew > 0.15 else "circle" if fill < 0.89 else "square"
+    side = max(width, height) / max(img.shape[:2])
     ys, xs = np.nonzero(region)
-    box = region[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-    fill = box.mean()
-    k = max(1, round(0.2 * min(box.shape)))  # corner cells: full for a square, empty for a circle
-    corners = np.mean([box[:k, :k].mean(), box[:k, -k:].mean(), box[-k:, :k].mean(), box[-k:, -k:].mean()])
-    rows = max(1, round(0.3 * box.shape[0]))
-    taper = box[:rows].mean() / max(box[-rows:].mean(), 1e-6)  # top vs bottom width: ~0.3 triangle, ~1 circle
-    shape = "triangle" if taper < 0.6 else "square" if corners > 0.5 or fill > 0.9 else "circle"
-    return {"background": _nearest_colour(bg), "colour": colour, "shape": shape}
+    centre = np.array([(xs.min() + xs.max() + 1) / img.shape[1], (ys.min() + ys.max() + 1) / img.shape[0]]) / 2
+    return {
+        "background": names[mode],
+        "colour": names[int(_nearest_colours(fg))],
+        "shape": shape,
+        "size": min(SIZES, key=lambda s: abs(np.log(SIZES[s] / side))),
+        "position": min(POSITIONS, key=lambda p: float(np.sum((np.array(POSITIONS[p]) - centre) ** 2))),
+    }
 
 
 def score(prompts, images) -> dict:
-    """Share of images whose detected background, shape colour and shape class match the prompt."""
-    hits = {"background": 0, "colour": 0, "shape": 0}
+    """Share of images whose detected background, shape colour and shape class match the prompt; size and position
+    over the prompts that name them (None when none does)."""
+    hits, counts = dict.fromkeys(("background", "colour", "shape", "size", "position"), 0), {}
     for prompt, image in zip(prompts, images):
         want, got = parse_prompt(prompt), detect(image)
-        for key in hits:
-            hits[key] += want[key] == got[key]
-    return {k: v / max(1, len(prompts)) for k, v in hits.items()}
+        for key, value in want.items():
+            hits[key] += value == got[key]
+            counts[key] = counts.get(key, 0) + 1
+    return {k: hits[k] / counts[k] if counts.get(k) else None for k in hits}

@@ -1,6 +1,7 @@
-"""Write the synthetic shapes dataset: PNGs plus captions.jsonl, deterministic for a seed.
+"""Write the synthetic shapes dataset: PNGs plus captions.jsonl, byte-identical for the same arguments.
 
 python tools/make_shapes_dataset.py --out data/shapes --num 4000 [--size 32] [--seed 0] [--split train|heldout]
+    [--variety] [--force]
 """
 
 import argparse
@@ -9,6 +10,7 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
 from PIL import Image
 
 from mindone_lumina import shapes
@@ -21,21 +23,40 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="train", choices=["train", "heldout"])
-    p.add_argument("--force", action="store_true")
+    p.add_argument(
+        "--variety",
+        action="store_true",
+        help="jitter each shape's size and position and vary the caption template (off: the canonical data the "
+        "bundled model was trained on)",
+    )
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)
+    if args.num < 1:
+        raise ValueError(f"--num must be at least 1, got {args.num}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"{args.out} exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
         raise ValueError(f"{args.out} exists and is not empty; pass --force to replace it")
     scenes = (shapes.train_scenes if args.split == "train" else shapes.heldout_scenes)(args.num, args.seed)
+    rng = np.random.default_rng([args.seed, 1]) if args.variety else None  # a stream apart from the scenes' draws
     parent = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".shapes-")
-    with open(os.path.join(tmp, "captions.jsonl"), "w") as f:
-        for i, scene in enumerate(scenes):
-            Image.fromarray(shapes.render(scene, args.size)).save(os.path.join(tmp, f"{i:05d}.png"))
-            f.write(json.dumps({"image": f"{i:05d}.png", "caption": shapes.caption(scene)}) + "\n")
-    if os.path.isdir(args.out):
-        shutil.rmtree(args.out)
-    os.replace(tmp, args.out)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".shapes-")  # same filesystem, so the final rename is atomic
+    try:
+        with open(os.path.join(tmp, "captions.jsonl"), "w") as f:
+            for i, scene in enumerate(scenes):
+                Image.fromarray(shapes.render(scene, args.size, rng)).save(os.path.join(tmp, f"{i:05d}.png"))
+                f.write(json.dumps({"image": f"{i:05d}.png", "caption": shapes.caption(scene, rng)}) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if os.path.isdir(args.out):  # move the old copy aside first: readers never see a half-written folder
+            old = tmp + ".old"
+            os.replace(args.out, old)
+            os.replace(tmp, args.out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, args.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {len(scenes)} {args.split} images to {args.out}")
 
 
