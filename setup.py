@@ -20,6 +20,6 @@ setup(
     ],
     extras_require={
         # The PyTorch reference. Install torch==2.13.0 (CPU build) *before* this extra: pip must not pick a CUDA build.
-        "test": ["torch==2.13.0", "diffusers==0.35.2", "pytest", "ruff==0.17.6", "tokenizers"],
+        "test": ["torch==2.13.0", "diffusers==0.35.2", "pytest", "ruff==0.17.6", "tokenizers", "matplotlib"],
     },
 )

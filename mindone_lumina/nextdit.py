@@ -299,7 +299,9 @@ class NextDiT(nn.Cell):
             self.check_inputs(*args[:4], *args[4:6])
         return super().__call__(*args, **kwargs)
 
-    def construct(self, x, t, cap_feats, cap_mask, rope_cos, rope_sin, attn_gain):
+    def embed(self, x, t, cap_feats, cap_mask):
+        """Patchify and embed: (tokens (B, L, dim), conditioning (B, cond), caption mask (B, Lc) bool), the inputs of
+        every block (``parity.BlockTrace`` runs the blocks from here)."""
         b, c, h, w = x.shape
         p = self.cfg.patch_size
         gh, gw = h // p, w // p
@@ -309,8 +311,13 @@ class NextDiT(nn.Cell):
         mask = cap_mask.astype(ms.float32)[:, :, None]  # (B, Lc, 1)
         pooled = (cap_feats.astype(ms.float32) * mask).sum(axis=1) / mask.sum(axis=1)  # masked mean, (B, Dc)
         c_emb = self.t_embedder(t) + self.cap_embedder(pooled.astype(cap_feats.dtype))  # (B, cond)
+        return x, c_emb, cap_mask.astype(ms.bool_)
 
-        y_mask = cap_mask.astype(ms.bool_)
+    def construct(self, x, t, cap_feats, cap_mask, rope_cos, rope_sin, attn_gain):
+        b, _, h, w = x.shape
+        p = self.cfg.patch_size
+        gh, gw = h // p, w // p
+        x, c_emb, y_mask = self.embed(x, t, cap_feats, cap_mask)  # (B, L, dim), (B, cond), (B, Lc)
         for layer in self.layers:
             x = layer(x, rope_cos, rope_sin, attn_gain, cap_feats, y_mask, c_emb)
 

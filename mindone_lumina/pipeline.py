@@ -118,6 +118,7 @@ class LuminaNextPipeline:
         grid=None,
         progress: bool = True,
         settings: SampleSettings | None = None,
+        callback=None,
         **overrides,
     ) -> PipelineOutput:
         """Generate one image per prompt.
@@ -131,6 +132,8 @@ class LuminaNextPipeline:
             grid: an explicit increasing time grid from 0 to 1 instead of ``settings.schedule`` (e.g. ``1 - sigmas``
                 of a diffusers scheduler).
             settings / overrides: ``SampleSettings`` fields (e.g. ``num_steps=10, solver="euler"``).
+            callback: ``callback(i, t, x)`` after every solver step (as ``sampling.sample``), e.g. to record the
+                trajectory.
         """
         settings = dataclasses.replace(settings or SampleSettings(), **overrides)
         settings.validate(self.size_multiple)
@@ -164,7 +167,13 @@ class LuminaNextPipeline:
         start = time.perf_counter()
         bar = _progress(sampling.solver_steps(grid, settings.solver), progress)
         kwargs = {"atol": settings.atol, "rtol": settings.rtol} if settings.solver == "dopri5" else {}
-        x = sampling.sample(velocity, x, grid, settings.solver, callback=lambda *_: bar.update(1), **kwargs)
+
+        def on_step(i, t, x):
+            bar.update(1)
+            if callback is not None:
+                callback(i, t, x)
+
+        x = sampling.sample(velocity, x, grid, settings.solver, callback=on_step, **kwargs)
         bar.close()
         final = x.astype(ms.float32).asnumpy()
         seconds["denoise"] = time.perf_counter() - start
