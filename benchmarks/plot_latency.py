@@ -1,6 +1,6 @@
 """Next-DiT forward latency against image-token count, MindSpore graph mode vs PyTorch eager (diffusers 0.35.2).
 
-    python benchmarks/plot_latency.py [--tokens 64 144 256 576 1024] [--repeats 2] [--out benchmarks/latency_vs_tokens.png]
+    python benchmarks/plot_latency.py [--tokens 64 144 256 576 1024] [--repeats 2] [--out PNG]
 
 Same model, inputs and timing as ``bench_nextdit.py`` (hidden 768 / 12 layers, fp32, batch 1, 128-token caption;
 each framework and token count in its own process, median after a warm-up call). Token counts must be squares.
