@@ -101,6 +101,18 @@ def test_detector_ignores_stray_blobs():
     assert min(acc.values()) >= 0.95, acc
 
 
+def test_detector_rejects_formless_blobs():
+    """Blobs (thresholded smooth noise, like an undertrained model's output) must not earn one class for free."""
+    rng = np.random.default_rng(0)
+    verdicts = []
+    for _ in range(100):
+        field = ndimage.gaussian_filter(rng.normal(size=(32, 32)), 3)
+        blob = (field > np.quantile(field, 0.7))[..., None]
+        verdicts.append(shapes.detect(np.where(blob, shapes.COLOURS["red"], shapes.COLOURS["blue"]))["shape"])
+    assert verdicts.count(None) >= 50, verdicts  # measured 65% of 200
+    assert max(verdicts.count(s) for s in shapes.SHAPES) <= 30, verdicts  # measured at most 20%
+
+
 def test_detector_without_a_shape():
     blank = np.full((32, 32, 3), shapes.COLOURS["green"], np.uint8)
     assert shapes.detect(blank) == {
