@@ -1,5 +1,9 @@
 """Text-to-image: prompts -> Gemma features -> flow ODE over Next-DiT -> SDXL-VAE decode -> PIL images.
 
+Lumina-T2I (Flag-DiT + LLaMA-2, ``flagdit.py`` / ``llama.py``) runs through the same pipeline: both transformers
+share the ``construct`` contract, and the few family differences (prompt encoding, RoPE scaling) are chosen here by
+the type of the transformer and of the text encoder.
+
 Time convention and step counting are those of ``sampling.py``. The denoiser is one graph per resolution: every
 model call of every step and every ``__call__`` at that size reuses it (RoPE tables and timesteps are inputs).
 """
@@ -15,7 +19,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from . import backend, gemma, nextdit, nextdit_weights, sampling
+from . import backend, flagdit, flagdit_weights, gemma, llama, nextdit, nextdit_weights, sampling
 from . import vae as vae_lib
 from .layers import cast_parameters
 from .loading import load_state_dict
@@ -147,7 +151,8 @@ class LuminaNextPipeline:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
 
         start = time.perf_counter()
-        cap_feats, cap_mask = gemma.encode_prompts(self.tokenizer, self.text_encoder, prompts, negative_prompt)
+        text = llama if isinstance(self.text_encoder, llama.LlamaEncoder) else gemma
+        cap_feats, cap_mask = text.encode_prompts(self.tokenizer, self.text_encoder, prompts, negative_prompt)
         cap_feats = cap_feats.astype(self._dtype)
         seconds = {"text": time.perf_counter() - start}
 
@@ -197,6 +202,8 @@ class LuminaNextPipeline:
 
     def _model_fn(self, cap_feats, cap_mask, height: int, width: int, settings: SampleSettings):
         """``model_fn(x2, t) -> v2`` for ``sampling.cfg_velocity``; RoPE tables follow the time-aware switch at t."""
+        if isinstance(self.transformer, flagdit.FlagDiT):
+            return self._flagdit_model_fn(cap_feats, cap_mask, height, width, settings)
         cfg, model = self.transformer.cfg, self.transformer
         h, w = height // self.downsample, width // self.downsample
         if settings.scaling == "off":
@@ -213,6 +220,20 @@ class LuminaNextPipeline:
             cos, sin, gain = nextdit.rope_inputs(cfg, h, w, t, scaling)
             t_vec = Tensor(np.full((x2.shape[0],), t, np.float32))
             return model(x2, t_vec, cap_feats, cap_mask, cos, sin, gain)
+
+        return model_fn
+
+    def _flagdit_model_fn(self, cap_feats, cap_mask, height: int, width: int, settings: SampleSettings):
+        """Lumina-T2I's demo settings: ``ntk_factor`` = area ratio to the training size (``scaling`` "off": 1) and
+        the proportional-attention base (1024/16)^2 + (1024/16) * 2; the tables do not depend on t."""
+        model, multiple = self.transformer, self.size_multiple
+        ntk = 1.0 if settings.scaling == "off" else flagdit.ntk_factor_for(height, width, self.train_size, multiple)
+        base = flagdit.attention_base_seqlen(self.train_size, multiple) if settings.proportional_attn else None
+        scaling = flagdit.RopeScaling(ntk_factor=ntk, base_seqlen=base)
+        cos, sin, gain = flagdit.rope_inputs(model.cfg, height // self.downsample, width // self.downsample, scaling)
+
+        def model_fn(x2, t: float):
+            return model(x2, Tensor(np.full((x2.shape[0],), t, np.float32)), cap_feats, cap_mask, cos, sin, gain)
 
         return model_fn
 
@@ -273,11 +294,15 @@ class LuminaNextPipeline:
         if text_encoder is None or vae is None:
             raise ValueError(
                 f"{source} is not a diffusers-layout folder (no model_index.json); for an original Lumina-T2X "
-                "checkpoint also pass the Gemma folder (text_encoder=, --gemma) and the SDXL-VAE folder (vae=, --vae)"
+                "checkpoint also pass the text encoder folder (text_encoder=, --text-encoder: Gemma for Lumina-Next, "
+                "LLaMA-2 for Lumina-T2I) and the SDXL-VAE folder (vae=, --vae)"
             )
         transformer = load_transformer(source, dtype)
-        encoder = gemma.load_gemma(text_encoder, dtype)
-        return cls(transformer, encoder, gemma.load_tokenizer(text_encoder), vae_lib.load_vae(vae))
+        if isinstance(transformer, flagdit.FlagDiT):
+            encoder, tokenizer = llama.load_llama(text_encoder, dtype), llama.load_tokenizer(text_encoder)
+        else:
+            encoder, tokenizer = gemma.load_gemma(text_encoder, dtype), gemma.load_tokenizer(text_encoder)
+        return cls(transformer, encoder, tokenizer, vae_lib.load_vae(vae))
 
 
 def _sample_size(folder: str) -> int:
@@ -315,9 +340,12 @@ def _progress(total, enabled: bool):
     return tqdm(total=total, disable=not enabled, desc="sampling", unit="step")
 
 
-def load_transformer(path: str, dtype=ms.float32, arch=None) -> nextdit.NextDiT:
-    """A Next-DiT from a diffusers ``transformer/`` folder or an original checkpoint (any layout the converter reads);
-    the architecture is the one recorded with the weights unless ``arch`` names one."""
+def load_transformer(path: str, dtype=ms.float32, arch=None):
+    """A Next-DiT from a diffusers ``transformer/`` folder or an original checkpoint (any layout the converter reads),
+    or a Flag-DiT from a Lumina-T2I checkpoint (told apart by its ``eol_token``); the architecture is the one recorded
+    with the weights unless ``arch`` names one."""
+    if flagdit_weights.is_flagdit(path):
+        return flagdit_weights.load_flagdit(path, dtype, arch)
     cfg = nextdit_weights.resolve(path, arch)
     model = nextdit.NextDiT(cfg)
     load_state_dict(model, nextdit_weights.load_nextdit_state(path, cfg), what=path)

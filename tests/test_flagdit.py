@@ -240,3 +240,65 @@ def test_forward_cli_with_cfg(tmp_path):
         main([*common, "--ntk-factor", "3"])
     with pytest.raises(ValueError, match="--scale-factor/--scale-watershed are Next-DiT's"):
         main([*common, "--family", "flagdit", "--scale-factor", "2"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Lumina-T2I through the pipeline and tools/sample.py (Flag-DiT + LLaMA + VAE)
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def t2i_parts(tmp_path_factory):
+    """A tiny LLaMA folder (hidden 32 = the fixture's cap_feat_dim) and a tiny 8x VAE folder, saved by transformers
+    and diffusers; the transformer is the original-format fixture itself."""
+    from conftest import SENTENCES
+    from diffusers import AutoencoderKL
+    from transformers import LlamaConfig, LlamaModel
+
+    from mindone_lumina import llama
+
+    root = tmp_path_factory.mktemp("lumina-t2i")
+    tokenizer = llama.train_tokenizer(SENTENCES, 300)
+    torch.manual_seed(0)
+    lm = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=128)).eval()  # fmt: skip
+    lm.save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
+        sample_size=64, scaling_factor=0.13025,
+    ).eval()  # fmt: skip
+    vae.save_pretrained(root / "vae")
+    return str(root / "llama"), str(root / "vae")
+
+
+def test_pipeline_runs_flagdit_with_llama(t2i_parts, original, pynative):
+    """The pipeline picks the LLaMA prompt encoding and Lumina-T2I's RoPE settings (ntk = area ratio, base 4224)."""
+    from mindone_lumina import llama
+    from mindone_lumina.pipeline import LuminaNextPipeline, SampleSettings
+
+    pipe = LuminaNextPipeline.from_pretrained(ORIGINAL, text_encoder=t2i_parts[0], vae=t2i_parts[1])
+    assert isinstance(pipe.transformer, flagdit.FlagDiT) and isinstance(pipe.text_encoder, llama.LlamaEncoder)
+    model, io, _ = original
+    x, t = Tensor(io["x"]), 0.3
+    cap, mask = llama.encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a red circle"])
+    model_fn = pipe._model_fn(cap, mask, 64, 96, SampleSettings())
+    expected = flagdit.forward(
+        model, x, Tensor(np.full(2, t, np.float32)), cap, mask,
+        flagdit.RopeScaling(ntk_factor=(4 * 6) / 64**2, base_seqlen=64**2 + 64 * 2),
+    )  # fmt: skip
+    assert np.array_equal(model_fn(x, t).asnumpy(), expected.asnumpy())
+    images = pipe(["a red circle"], settings=SampleSettings(height=32, width=48, num_steps=3), progress=False).images
+    assert images[0].size == (48, 32)
+
+
+def test_sample_cli_takes_a_lumina_t2i_checkpoint(t2i_parts, tmp_path):
+    from PIL import Image
+
+    sample = load_tool("sample")
+    llama_dir, vae_dir = t2i_parts
+    args = ["--model", ORIGINAL, "--vae", vae_dir, "--prompt", "a blue square", "--resolution", "32x32", "--steps",
+            "3", "--solver", "euler", "--mode", "pynative", "--out", str(tmp_path / "out")]  # fmt: skip
+    sample.main([*args, "--text-encoder", llama_dir])
+    assert Image.open(tmp_path / "out" / "000_seed0.png").size == (32, 32)
+    with pytest.raises(ValueError, match="expected a LLaMA config"):
+        sample.main([*args, "--gemma", vae_dir])  # the old flag name still works; a VAE folder is no LLaMA

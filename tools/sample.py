@@ -3,8 +3,12 @@
     python tools/sample.py --prompt "a red circle on a blue background"            # the bundled default model
     python tools/sample.py --model DIR --prompt "..." --resolution 1024x1024 --steps 30 --solver midpoint --cfg 4
 
-``--model`` is a diffusers-layout folder, an original Lumina-T2X checkpoint (with ``--gemma`` and ``--vae``), or a hub
-id. PNGs carry the prompt, seed and settings in their text metadata.
+``--model`` is a diffusers-layout folder, an original Lumina-T2X checkpoint (with ``--text-encoder`` and ``--vae``), or
+a hub id. PNGs carry the prompt, seed and settings in their text metadata. A Lumina-T2I (Flag-DiT) checkpoint takes a
+LLaMA-2 folder as its text encoder:
+
+    python tools/sample.py --model LUMINA_T2I_DIR --text-encoder LLAMA2_7B_DIR --vae SDXL_VAE_DIR --dtype fp16 \
+        --solver euler --prompt "..."
 """
 
 import argparse
@@ -38,7 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--no-proportional-attn", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder or hub id (default: the bundled model)")
-    p.add_argument("--gemma", default=None, help="Gemma folder (for an original-format --model)")
+    p.add_argument("--text-encoder", "--gemma", dest="text_encoder", default=None,
+                   help="text encoder folder for an original-format --model: Gemma (Lumina-Next) or LLaMA-2 "
+                   "(Lumina-T2I); --gemma is the old name")  # fmt: skip
     p.add_argument("--vae", default=None, help="SDXL-VAE folder (for an original-format --model)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--device", default="CPU", choices=["CPU", "Ascend"])
@@ -94,7 +100,7 @@ def main(argv=None):
     )  # fmt: skip
     ms.set_device(args.device)
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
-    pipe = LuminaNextPipeline.from_pretrained(args.model, args.dtype, text_encoder=args.gemma, vae=args.vae)
+    pipe = LuminaNextPipeline.from_pretrained(args.model, args.dtype, text_encoder=args.text_encoder, vae=args.vae)
     settings.validate(pipe.size_multiple)  # before any work
     latents = None
     if args.latents:
