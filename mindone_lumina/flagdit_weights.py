@@ -81,10 +81,10 @@ def open_flagdit(path: str, ema: bool = False, allow_inexact_merge: bool = False
     return reader
 
 
-def is_flagdit(path: str) -> bool:
+def is_flagdit(path: str, ema: bool = False) -> bool:
     """Whether the checkpoint at ``path`` holds a Flag-DiT (its ``eol_token``), from key names only."""
     try:
-        reader = checkpoint_io.open_checkpoint(path, split_dim=FAIRSCALE_SHARDS.split_dim)
+        reader = checkpoint_io.open_checkpoint(path, ema=ema, split_dim=FAIRSCALE_SHARDS.split_dim)
     except ValueError:
         return False  # not a single checkpoint this reader understands (e.g. a diffusers pipeline folder)
     return "eol_token" in set(reader.keys())

@@ -302,3 +302,17 @@ def test_sample_cli_takes_a_lumina_t2i_checkpoint(t2i_parts, tmp_path):
     assert Image.open(tmp_path / "out" / "000_seed0.png").size == (32, 32)
     with pytest.raises(ValueError, match="expected a LLaMA config"):
         sample.main([*args, "--gemma", vae_dir])  # the old flag name still works; a VAE folder is no LLaMA
+
+
+def test_convert_cli_writes_a_loadable_flagdit(tmp_path, original, pynative):
+    """tools/convert.py recognises the Flag-DiT checkpoint, converts it strictly and verifies the output."""
+    model, io, _ = original
+    convert = load_tool("convert").main
+    out = str(tmp_path / "flag.safetensors")
+    convert([ORIGINAL, out, "--verify"])
+    fresh = flagdit.FlagDiT(flagdit_weights.detect_config(out))
+    load_state_dict(fresh, flagdit_weights.load_flagdit_state(out))
+    args = _tensors(io["x"], io["t"], io["cap_feats"], io["cap_mask"])
+    assert np.array_equal(flagdit.forward(fresh, *args).asnumpy(), flagdit.forward(model, *args).asnumpy())
+    with pytest.raises(ValueError, match="no diffusers Flag-DiT"):
+        convert([ORIGINAL, str(tmp_path / "d"), "--to", "diffusers"])

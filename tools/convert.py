@@ -1,5 +1,8 @@
 """Convert Next-DiT weights between the original Lumina-T2X, diffusers and MindSpore (project) formats.
 
+A Lumina-T2I (Flag-DiT) checkpoint, recognised by its ``eol_token``, converts the same way to ``mindspore`` or
+``original`` (there is no diffusers Flag-DiT).
+
     python tools/convert.py SRC OUT [--arch PRESET_OR_JSON] [--dtype keep|fp32|fp16|bf16] [--ema]
         [--to mindspore|original|diffusers] [--verify] [--force] [--allow-inexact-merge]
 
@@ -17,7 +20,7 @@ import time
 
 from tqdm import tqdm
 
-from mindone_lumina import checkpoint_io, nextdit_weights
+from mindone_lumina import checkpoint_io, flagdit_weights, nextdit_weights
 
 
 def parse_args(argv=None):
@@ -38,16 +41,25 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    nextdit_weights.check_outputs(args.out, args.to, args.force)
-    cfg = nextdit_weights.resolve(args.src, args.arch)
-    specs = nextdit_weights.nextdit_tensors(
-        args.src, cfg, args.ema, args.dtype, allow_inexact_merge=args.allow_inexact_merge
-    )
-    written = nextdit_weights.layout_tensors(specs, args.to)
+    if flagdit_weights.is_flagdit(args.src, args.ema):  # Lumina-T2I: original names only, no diffusers layout
+        flagdit_weights.check_outputs(args.out, args.to, args.force)
+        cfg = flagdit_weights.resolve(args.src, args.arch)
+        written = flagdit_weights.flagdit_tensors(
+            args.src, cfg, args.ema, args.dtype, allow_inexact_merge=args.allow_inexact_merge
+        )
+        write = flagdit_weights.write_flagdit
+    else:
+        nextdit_weights.check_outputs(args.out, args.to, args.force)
+        cfg = nextdit_weights.resolve(args.src, args.arch)
+        specs = nextdit_weights.nextdit_tensors(
+            args.src, cfg, args.ema, args.dtype, allow_inexact_merge=args.allow_inexact_merge
+        )
+        written = nextdit_weights.layout_tensors(specs, args.to)
+        write = nextdit_weights.write_nextdit
     total = sum(s.nbytes for s in written)
     start = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="convert") as bar:
-        path = nextdit_weights.write_nextdit(written, cfg, args.out, args.to, args.force, bar.update)
+        path = write(written, cfg, args.out, args.to, args.force, bar.update)
     mb, seconds = total / 1e6, time.perf_counter() - start
     print(f"wrote {path}: {len(written)} tensors, {mb:.1f} MB in {seconds:.1f} s ({mb / seconds:.0f} MB/s)")
     if args.verify:
