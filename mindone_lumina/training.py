@@ -179,6 +179,11 @@ class Dataset:
     empty_mask: np.ndarray  # (Lc,)
     skipped: dict = field(default_factory=dict)  # reason -> count
 
+    def __post_init__(self):
+        # sample indices per bucket shape, computed once: batch_indices runs every step
+        shapes = sorted({z.shape for z in self.latents})
+        self.groups = [np.array([i for i, z in enumerate(self.latents) if z.shape == s]) for s in shapes]
+
 
 def prepare_data(cfg: TrainConfig, tokenizer, encoder, vae=None, log=print) -> Dataset:
     """Read images and captions once and cache their latents and Gemma features under ``output/cache``.
@@ -271,8 +276,7 @@ def _dataset_from_arrays(arrays: dict, skipped=None) -> Dataset:
 def batch_indices(ds: Dataset, cfg: TrainConfig, step: int, rank: int = 0, world: int = 1) -> np.ndarray:
     """The sample indices of global ``step`` for ``rank``: a per-epoch permutation from (seed, epoch) within each
     bucket, the global batch split into ``world`` disjoint shards."""
-    shapes = sorted({z.shape for z in ds.latents})
-    groups = [np.array([i for i, z in enumerate(ds.latents) if z.shape == s]) for s in shapes]
+    groups = ds.groups
     global_batch = cfg.batch_size * world
     per_epoch = [len(g) // global_batch for g in groups]
     if sum(per_epoch) == 0:
