@@ -77,3 +77,39 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def tiny_diffusers_pipeline(folder: str):
+    """Tiny random diffusers ``LuminaPipeline`` (Gemma, Next-DiT, 8x VAE) saved in the diffusers layout under
+    ``folder/pipe``; returns (pipeline, that folder)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
+    from transformers import GemmaConfig, GemmaModel, GemmaTokenizerFast
+
+    torch.manual_seed(0)
+    tokenizer = GemmaTokenizerFast.from_pretrained(make_tokenizer_dir(os.path.join(folder, "tok")))
+    tokenizer.padding_side = "right"
+    gemma_cfg = GemmaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=512, pad_token_id=0, bos_token_id=2,
+        eos_token_id=1,
+    )  # fmt: skip
+    text_encoder = randomize_torch_(GemmaModel(gemma_cfg).eval(), seed=1, std=0.3)
+    transformer = LuminaNextDiT2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_attention_heads=2,
+        num_kv_heads=1, multiple_of=16, learn_sigma=True, qk_norm=True, cross_attention_dim=32,
+    ).eval()  # fmt: skip
+    randomize_torch_(transformer, seed=2)
+    with torch.no_grad():
+        for block in transformer.layers:  # real checkpoints hold equal copies of wq / q_norm in attn1 and attn2
+            block.attn2.to_q.weight.copy_(block.attn1.to_q.weight)
+            block.attn2.norm_q.load_state_dict(block.attn1.norm_q.state_dict())
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
+        sample_size=64, scaling_factor=0.13025,
+    ).eval()  # fmt: skip
+    pipe = LuminaPipeline(transformer, FlowMatchEulerDiscreteScheduler(), vae, text_encoder, tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(os.path.join(folder, "pipe"))
+    return pipe, os.path.join(folder, "pipe")

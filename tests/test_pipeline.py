@@ -8,10 +8,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import load_tool, make_tokenizer_dir, randomize_torch_, rel_err
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
+from conftest import load_tool, rel_err, tiny_diffusers_pipeline
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
-from transformers import GemmaConfig, GemmaModel, GemmaTokenizerFast
 
 import mindspore as ms
 
@@ -25,35 +23,7 @@ HEIGHT, WIDTH = 64, 96  # beyond the 64x64 training area of the tiny model, so R
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Tiny random diffusers pipeline (Gemma, Next-DiT, 8x VAE) saved in the diffusers layout."""
-    torch.manual_seed(0)
-    folder = str(tmp_path_factory.mktemp("lumina-tiny"))
-    tokenizer = GemmaTokenizerFast.from_pretrained(make_tokenizer_dir(os.path.join(folder, "tok")))
-    tokenizer.padding_side = "right"
-    gemma_cfg = GemmaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=512, pad_token_id=0, bos_token_id=2,
-        eos_token_id=1,
-    )  # fmt: skip
-    text_encoder = randomize_torch_(GemmaModel(gemma_cfg).eval(), seed=1, std=0.3)
-    transformer = LuminaNextDiT2DModel(
-        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_attention_heads=2,
-        num_kv_heads=1, multiple_of=16, learn_sigma=True, qk_norm=True, cross_attention_dim=32,
-    ).eval()  # fmt: skip
-    randomize_torch_(transformer, seed=2)
-    with torch.no_grad():
-        for block in transformer.layers:  # real checkpoints hold equal copies of wq / q_norm in attn1 and attn2
-            block.attn2.to_q.weight.copy_(block.attn1.to_q.weight)
-            block.attn2.norm_q.load_state_dict(block.attn1.norm_q.state_dict())
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
-        sample_size=64, scaling_factor=0.13025,
-    ).eval()  # fmt: skip
-    pipe = LuminaPipeline(transformer, FlowMatchEulerDiscreteScheduler(), vae, text_encoder, tokenizer)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.save_pretrained(os.path.join(folder, "pipe"))
-    return pipe, os.path.join(folder, "pipe")
+    return tiny_diffusers_pipeline(str(tmp_path_factory.mktemp("lumina-tiny")))
 
 
 @pytest.fixture(scope="module")
