@@ -25,15 +25,17 @@ from safetensors.numpy import load_file, save_file
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from . import gemma, nextdit
+from . import backend, gemma, nextdit
 from . import vae as vae_lib
 from .layers import parameter_count
 from .loading import load_state_dict
 
-
 # ------------------------------------------------------------------------------------------------------------------
 # Recipe
 # ------------------------------------------------------------------------------------------------------------------
+PRECISIONS = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """A training recipe; ``configs/*.yaml`` map onto these fields one to one (unknown keys are an error)."""
@@ -64,10 +66,17 @@ class TrainConfig:
     log_every: int = 50
     init: str | None = None  # a Next-DiT checkpoint in any format the converter reads
     mode: str = "graph"
+    precision: str = "fp32"  # compute dtype: fp32, fp16 (CPU and Ascend) or bf16 (Ascend); weights stay fp32
+    loss_scale: float = 4096.0  # initial dynamic loss scale for fp16 (halved on overflow, doubled after 1000 steps)
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.precision != "fp32" and self.mode != "graph":
+            # measured: MindSpore 2.10 PyNative with Cell.to_float(fp16) returns NaN for Next-DiT on CPU
+            raise ValueError(f"precision {self.precision} needs mode graph (mixed precision is cast by the compiler)")
         if self.t_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"t_sampling must be uniform or logit_normal, got {self.t_sampling!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -137,19 +146,22 @@ def read_captions(folder: str) -> list:
     return rows
 
 
+UNREADABLE, TOO_SMALL = "unreadable", "smaller than the smallest bucket"  # why an image is skipped
+
+
 def load_image(path: str, bucket_list: list):
     """The image resized and centre-cropped to the bucket nearest its aspect ratio, as (3, H, W) in [-1, 1], or
-    None when it cannot be read or is smaller than the smallest bucket."""
+    the reason it is skipped (``UNREADABLE``, ``TOO_SMALL``: fewer pixels than the smallest bucket)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
     except (OSError, UnidentifiedImageError):
-        return None
+        return UNREADABLE
     w, h = im.size
     if h * w < min(bh * bw for bh, bw in bucket_list):
-        return None
+        return TOO_SMALL
     bh, bw = min(bucket_list, key=lambda b: abs(math.log((w / h) / (b[1] / b[0]))))
     scale = max(bh / h, bw / w)
     im = im.resize((max(bw, round(w * scale)), max(bh, round(h * scale))), Image.BICUBIC)
@@ -219,8 +231,8 @@ def prepare_data(cfg: TrainConfig, tokenizer, encoder, vae=None, log=print) -> D
     images, captions, skipped = [], [], {}
     for row in rows:
         img = load_image(os.path.join(cfg.data, row["image"]), bucket_list)
-        if img is None:
-            skipped["unreadable or too small"] = skipped.get("unreadable or too small", 0) + 1
+        if isinstance(img, str):
+            skipped[img] = skipped.get(img, 0) + 1
             continue
         images.append(img)
         captions.append(row["caption"])
@@ -234,7 +246,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, encoder, vae=None, log=print) -> D
         arrays[f"latent.{i}"] = np.ascontiguousarray(z[0], np.float32)  # safetensors writes the raw buffer
     feats, mask = _encode_unique(tokenizer, encoder, captions + [""], cfg.max_caption_tokens)
     arrays.update(cap_feats=feats[:-1], cap_mask=mask[:-1], empty_feats=feats[-1], empty_mask=mask[-1])
-    arrays["skipped"] = np.array([sum(skipped.values())], np.int64)
+    arrays["skipped"] = np.array([skipped.get(UNREADABLE, 0), skipped.get(TOO_SMALL, 0)], np.int64)
     tmp = path + ".tmp"
     save_file(arrays, tmp)
     os.replace(tmp, path)
@@ -269,7 +281,7 @@ def _dataset_from_arrays(arrays: dict, skipped=None) -> Dataset:
         arrays["cap_mask"],
         arrays["empty_feats"],
         arrays["empty_mask"],
-        skipped or {"unreadable or too small": int(arrays["skipped"][0])},
+        skipped or {k: int(n) for k, n in zip((UNREADABLE, TOO_SMALL), arrays["skipped"]) if n},
     )
 
 
@@ -326,7 +338,7 @@ class FlowMatchingLoss(nn.Cell):
         tt = t[:, None, None, None]
         xt = tt * x1 + (1.0 - tt) * x0
         v = self.model(xt, t, cap_feats, cap_mask, cos, sin, gain)
-        diff = v - (x1 - x0)
+        diff = v.astype(ms.float32) - (x1 - x0)  # the loss in fp32 whatever the compute dtype
         return (diff * diff).mean()
 
 
@@ -354,6 +366,14 @@ def _zero_one(acc):
     return ops.assign(acc, ops.zeros_like(acc))
 
 
+_add = ops.MultitypeFuncGraph("add")
+
+
+@_add.register("Tensor", "Tensor")
+def _add_one(acc, grad):
+    return acc + grad
+
+
 _scale = ops.MultitypeFuncGraph("scale")
 
 
@@ -363,12 +383,22 @@ def _scale_one(factor, grad):
 
 
 class Trainer(nn.Cell):
-    """Owns model, optimizer, EMA and gradient buffers; ``step`` and ``apply`` are compiled graphs."""
+    """Owns model, optimizer, EMA and gradient buffers. ``step`` is one compiled graph per optimizer step: loss and
+    gradients of the (last) micro-batch, cross-rank mean, accumulated sum, clipping, AdamW, EMA. With gradient
+    accumulation the earlier micro-batches go through ``accumulate``.
+
+    Mixed precision: the model computes in ``cfg.precision`` (``Cell.to_float``: inputs and parameters cast inside
+    the graph) while parameters, gradients, optimizer state, EMA and the loss stay fp32. fp16 scales the loss
+    dynamically and skips the update of a step whose gradients overflow; bf16 has fp32's range and needs no scaling.
+    """
 
     def __init__(self, model: nextdit.NextDiT, cfg: TrainConfig, world: int = 1):
         super().__init__()
         # MindSpore prefixes parameter names with the path of the Cells that hold them; keep the model's own names
         self.param_names = tuple(p.name for p in model.trainable_params())
+        backend.check_dtype_supported(PRECISIONS[cfg.precision])
+        if cfg.precision != "fp32":
+            model.to_float(PRECISIONS[cfg.precision])
         self.loss = FlowMatchingLoss(model)
         params = model.trainable_params()
         self.params = ParameterTuple(params)
@@ -381,28 +411,57 @@ class Trainer(nn.Cell):
         self.clip = cfg.grad_clip
         self.accum = cfg.grad_accum
         self.hyper_map = ops.HyperMap()
-        self.grad_fn = ms.value_and_grad(self.loss, None, self.params)
+        self.scaled = cfg.precision == "fp16"
+        self.scaler = ms.amp.DynamicLossScaler(cfg.loss_scale, 2, 1000) if self.scaled else None
+        self.skipped = Parameter(Tensor(0, ms.int32), name="skipped_steps", requires_grad=False)
+        self.grad_fn = ms.value_and_grad(self._scaled_loss, None, self.params)
         # data parallel (msrun): gradients are mean-reduced across ranks before they are accumulated
         self.grad_reducer = nn.DistributedGradReducer(params, mean=True, degree=world) if world > 1 else None
 
-    @ms.jit
-    def accumulate(self, x1, x0, t, cap_feats, cap_mask, cos, sin, gain):
-        loss, grads = self.grad_fn(x1, x0, t, cap_feats, cap_mask, cos, sin, gain)
+    def _scaled_loss(self, *batch):
+        loss = self.loss(*batch)
+        return self.scaler.scale(loss) if self.scaled else loss
+
+    def _grads(self, batch):
+        loss, grads = self.grad_fn(*batch)
+        if self.scaled:
+            loss, grads = self.scaler.unscale(loss), self.scaler.unscale(grads)
         if self.grad_reducer is not None:
             grads = self.grad_reducer(grads)
+        return loss, grads
+
+    @ms.jit
+    def accumulate(self, x1, x0, t, cap_feats, cap_mask, cos, sin, gain):
+        """A micro-batch before the last: its gradients are added to the buffers."""
+        loss, grads = self._grads((x1, x0, t, cap_feats, cap_mask, cos, sin, gain))
         self.hyper_map(_accumulate, self.grads, grads)
         return loss
 
     @ms.jit
-    def apply(self):
-        """Average the accumulated gradients, clip their global norm, update, reset the buffers, update the EMA."""
-        grads = self.hyper_map(ops.partial(_scale, 1.0 / self.accum), self.grads)
-        grad_norm = ops.sqrt(ops.addn([ops.reduce_sum(g * g) for g in grads]))  # before clipping
+    def step(self, x1, x0, t, cap_feats, cap_mask, cos, sin, gain):
+        """The last micro-batch and the update: returns (loss, gradient norm before clipping)."""
+        loss, grads = self._grads((x1, x0, t, cap_feats, cap_mask, cos, sin, gain))
+        if self.accum > 1:
+            grads = self.hyper_map(_add, self.grads, grads)
+        grads = self.hyper_map(ops.partial(_scale, 1.0 / self.accum), grads)
+        grad_norm = ops.sqrt(ops.addn([ops.reduce_sum(g * g) for g in grads]))
+        if self.scaled:
+            finite = ms.amp.all_finite(grads)
+            self.scaler.adjust(finite)
+            if finite:
+                self._update(grads)
+            else:
+                ops.assign_add(self.skipped, ops.ones((), ms.int32))
+        else:
+            self._update(grads)
+        if self.accum > 1:
+            self.hyper_map(_zero, self.grads)
+        return loss, grad_norm
+
+    def _update(self, grads):
         grads = ops.clip_by_global_norm(grads, self.clip)
         self.optimizer(grads)
-        self.hyper_map(_zero, self.grads)
         self.hyper_map(ops.partial(_ema_update, self.ema_decay), self.ema, self.params)
-        return grad_norm
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -430,14 +489,21 @@ def save_checkpoint(run: str, trainer, step: int, state: dict) -> str:
     _save_arrays(os.path.join(tmp, "optimizer.safetensors"), opt)
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({**state, "step": step}, f)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    # saving a step again (a re-run) goes to a new name: the folder "latest" names is never touched before the
+    # pointer has moved, so a kill at any moment leaves "latest" naming a complete checkpoint
+    version = 1
+    while os.path.exists(final if version == 1 else f"{final}.v{version}"):
+        version += 1
+    target = final if version == 1 else f"{final}.v{version}"
+    os.replace(tmp, target)
     pointer = os.path.join(root, "latest")
     with open(pointer + ".tmp", "w") as f:
-        f.write(os.path.basename(final))
+        f.write(os.path.basename(target))
     os.replace(pointer + ".tmp", pointer)
-    return final
+    superseded = [final] + [f"{final}.v{v}" for v in range(2, version)] if version > 1 else []
+    for older in superseded:  # earlier saves of this step, no longer named by "latest"
+        shutil.rmtree(older, ignore_errors=True)
+    return target
 
 
 def latest_checkpoint(run: str) -> str | None:
@@ -481,7 +547,13 @@ def build_model(cfg: TrainConfig, cap_dim: int) -> nextdit.NextDiT:
     return model
 
 
-def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after=None):
+def _progress_bar(start: int, end: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=end, initial=start, disable=not enabled, desc="training", unit="step", leave=False)
+
+
+def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after=None, progress: bool = True):
     """Train (or resume) the run in ``cfg.output``; returns the trainer. ``stop_after`` ends early (for tests)."""
     ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == "graph" else ms.PYNATIVE_MODE)
     ms.set_seed(cfg.seed)
@@ -495,13 +567,19 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after
     start = 0
     resume = latest_checkpoint(cfg.output)
     if resume:
-        start = load_checkpoint(resume, trainer)["step"]
+        state = load_checkpoint(resume, trainer)
+        start = state["step"]
+        if trainer.scaled and "loss_scale" in state:  # fp16: continue with the scaler's state
+            trainer.scaler.scale_value.set_data(Tensor(state["loss_scale"], ms.float32))
+            trainer.scaler.counter.set_data(Tensor(state["loss_scale_counter"], ms.int32))
+        trainer.skipped.set_data(Tensor(state.get("skipped_steps", 0), ms.int32))
         log(f"resumed from {resume} at step {start}")
     log(f"Next-DiT {parameter_count(model):,} parameters, {len(ds.latents)} samples, start step {start}")
     tables = {}
     history, seen = [], []
     t_log = time.perf_counter()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = _progress_bar(start, end, enabled=progress and rank == 0)
     for step in range(start, end):
         trainer.lr.set_data(Tensor(lr_at(cfg, step), ms.float32))
         losses = []
@@ -510,17 +588,31 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after
             seen.extend(int(i) for i in idx)
             if x1.shape[2:] not in tables:
                 tables[x1.shape[2:]] = nextdit.rope_inputs(model.cfg, x1.shape[2], x1.shape[3], 1.0)
-            cos, sin, gain = tables[x1.shape[2:]]
-            losses.append(float(trainer.accumulate(*map(Tensor, (x1, x0, t, feats, mask)), cos, sin, gain).asnumpy()))
-        grad_norm = float(trainer.apply().asnumpy())
+            batch = (*map(Tensor, (x1, x0, t, feats, mask)), *tables[x1.shape[2:]])
+            if micro + 1 < cfg.grad_accum:
+                losses.append(float(trainer.accumulate(*batch).asnumpy()))
+            else:
+                loss, grad_norm = trainer.step(*batch)
+                losses.append(float(loss.asnumpy()))
+                grad_norm = float(grad_norm.asnumpy())
+        bar.update(1)
         history.append((step + 1, float(np.mean(losses)), lr_at(cfg, step)))
         if (step + 1) % cfg.log_every == 0 or step + 1 == end:
             rate = cfg.log_every * cfg.batch_size * cfg.grad_accum * world / (time.perf_counter() - t_log)
-            log(f"step {step + 1}/{cfg.steps} loss {history[-1][1]:.4f} lr {history[-1][2]:.2e} "
-                f"grad_norm {grad_norm:.3f} {rate:.1f} samples/s")  # fmt: skip
+            line = (f"step {step + 1}/{cfg.steps} loss {history[-1][1]:.4f} lr {history[-1][2]:.2e} "
+                    f"grad_norm {grad_norm:.3f} {rate:.1f} samples/s")  # fmt: skip
+            if trainer.scaled:
+                scale = float(trainer.scaler.scale_value.asnumpy())
+                line += f" loss_scale {scale:g} skipped {int(trainer.skipped.asnumpy())}"
+            log(line)
             t_log = time.perf_counter()
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == end):
-            save_checkpoint(cfg.output, trainer, step + 1, {"history": history[-cfg.save_every :]})
+            state = {"history": history[-cfg.save_every :], "skipped_steps": int(trainer.skipped.asnumpy())}
+            if trainer.scaled:
+                state["loss_scale"] = float(trainer.scaler.scale_value.asnumpy())
+                state["loss_scale_counter"] = int(trainer.scaler.counter.asnumpy())
+            save_checkpoint(cfg.output, trainer, step + 1, state)
+    bar.close()
     trainer.history, trainer.seen = history, seen  # per step (step, loss, lr); sample indices this rank used
     return trainer
 

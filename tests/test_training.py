@@ -10,6 +10,8 @@ import yaml
 from conftest import load_tool
 from PIL import Image
 
+import mindspore as ms
+
 from mindone_lumina import training
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "multiple_of": 16, "cap_feat_dim": 32, "in_channels": 3,
@@ -29,6 +31,8 @@ def data_and_encoder(tmp_path_factory):
         rows.append({"image": f"{i}.png", "caption": f"a {name} square"})
     (data / "broken.png").write_bytes(b"not a png")
     rows.append({"image": "broken.png", "caption": "a broken image"})
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(data / "tiny.png")  # below the 16x16 bucket
+    rows.append({"image": "tiny.png", "caption": "a tiny image"})
     (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     encoder = root / "text_encoder"
     args = ["--captions", str(data / "captions.jsonl"), "--out", str(encoder), "--hidden", "32", "--layers", "2"]
@@ -47,14 +51,14 @@ def recipe(tmp_path, data_and_encoder, **kw):
     return str(path)
 
 
-def test_tiny_model_overfits_and_skips_the_broken_image(tmp_path, data_and_encoder):
+def test_tiny_model_overfits_and_skips_broken_and_small_images(tmp_path, data_and_encoder):
     logs = []
     # logit-normal t: uniform t spends many steps near t = 1, where the velocity target x1 - x0 is hardest to fit
     cfg = training.TrainConfig.from_yaml(recipe(tmp_path, data_and_encoder, steps=300, t_sampling="logit_normal"))
     trainer = training.train(cfg, log=logs.append)
     losses = np.array([loss for _, loss, _ in trainer.history])
     assert losses[-50:].mean() <= losses[:10].mean() / 10  # falls at least 10x (measured 0.97 -> 0.074)
-    assert any("skipped images: {'unreadable or too small': 1}" in line for line in logs)
+    assert any("skipped images: {'unreadable': 1, 'smaller than the smallest bucket': 1}" in line for line in logs)
     assert training.latest_checkpoint(cfg.output).endswith("step_0000300")
 
 
@@ -80,6 +84,42 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, data_and_encoder):
     assert state["step"] == 10
 
 
+def test_fp16_mixed_precision_trains_and_skips_overflowing_steps(tmp_path, data_and_encoder):
+    logs = []
+    # 2^40: the scaled gradients overflow fp16 until the dynamic scaler has halved the scale about 25 times
+    path = recipe(tmp_path, data_and_encoder, steps=200, precision="fp16", loss_scale=2.0**40, log_every=200,
+                  t_sampling="logit_normal")  # fmt: skip
+    trainer = training.train(training.TrainConfig.from_yaml(path), log=logs.append)
+    skipped = int(trainer.skipped.asnumpy())
+    assert 10 <= skipped <= 40, skipped
+    assert float(trainer.scaler.scale_value.asnumpy()) < 2.0**17
+    assert all(p.dtype == ms.float32 for p in trainer.params)  # fp32 master weights, fp16 compute
+    losses = np.array([loss for _, loss, _ in trainer.history])
+    assert losses[-30:].mean() <= losses[skipped : skipped + 10].mean() / 3
+    assert "loss_scale" in logs[-1] and f"skipped {skipped}" in logs[-1]
+
+
+def test_mixed_precision_settings_are_checked(tmp_path, data_and_encoder):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        training.TrainConfig(data="d", output="o", precision="fp8")
+    with pytest.raises(ValueError, match="needs mode graph"):
+        training.TrainConfig(data="d", output="o", precision="fp16", mode="pynative")
+    if ms.get_context("device_target") == "CPU":
+        cfg = training.TrainConfig.from_yaml(recipe(tmp_path, data_and_encoder, precision="bf16"))
+        with pytest.raises(ValueError, match="bfloat16"):
+            training.train(cfg)
+
+
+def test_saving_a_step_again_never_breaks_latest(tmp_path, data_and_encoder):
+    cfg = training.TrainConfig.from_yaml(recipe(tmp_path, data_and_encoder, steps=2, save_every=2))
+    trainer = training.train(cfg)
+    root = os.path.join(cfg.output, "checkpoints")
+    again = training.save_checkpoint(cfg.output, trainer, 2, {"history": []})
+    assert again == os.path.join(root, "step_0000002.v2") == training.latest_checkpoint(cfg.output)
+    assert not os.path.exists(os.path.join(root, "step_0000002"))  # superseded only after "latest" moved
+    assert training.load_checkpoint(again, trainer)["step"] == 2
+
+
 def test_feature_cache_reused_and_invalidated(tmp_path, data_and_encoder):
     first, second, third = [], [], []
     path = recipe(tmp_path, data_and_encoder, steps=1)
@@ -90,6 +130,13 @@ def test_feature_cache_reused_and_invalidated(tmp_path, data_and_encoder):
     assert any(line.startswith("cached 2 samples") for line in first)
     assert any(line.startswith("reusing cached") for line in second)
     assert any(line.startswith("cached 2 samples") for line in third)  # a new resolution is recomputed
+    other = str(tmp_path / "other_encoder")  # same architecture and tokenizer, other weights
+    data, _ = data_and_encoder
+    args = ["--captions", os.path.join(data, "captions.jsonl"), "--out", other, "--hidden", "32", "--layers", "2"]
+    load_tool("make_text_encoder").main(args + ["--heads", "2", "--vocab", "300", "--seed", "1"])
+    fourth = []
+    training.train(training.TrainConfig.from_yaml(path, steps=3, text_encoder=other), log=fourth.append)
+    assert any(line.startswith("cached 2 samples") for line in fourth)  # a changed text encoder is recomputed
 
 
 def test_bad_recipes_and_folders_are_named(tmp_path, data_and_encoder):
