@@ -637,7 +637,8 @@ def export_pipeline(cfg: TrainConfig, trainer: Trainer, folder: str, use_ema: bo
     weights = {n: p.asnumpy() for n, p in zip(trainer.param_names, source)}
     save_file(weights, os.path.join(tmp, "transformer", "model.safetensors"))
     shutil.copytree(cfg.text_encoder, os.path.join(tmp, "text_encoder"))
-    shutil.copytree(cfg.text_encoder, os.path.join(tmp, "tokenizer"))
+    tokenizer_only = shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json")
+    shutil.copytree(cfg.text_encoder, os.path.join(tmp, "tokenizer"), ignore=tokenizer_only)  # tokenizer files only
     if cfg.vae is not None:
         shutil.copytree(vae_lib.vae_folder(cfg.vae), os.path.join(tmp, "vae"))
     index = {

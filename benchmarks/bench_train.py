@@ -1,0 +1,154 @@
+"""Training-step time: the project's compiled step vs a PyTorch reference step on the same config, batch and weights.
+
+    python benchmarks/bench_train.py [--batch 4] [--tokens 256] [--repeats 5]
+
+Project: ``training.Trainer.step`` in MindSpore graph mode (velocity loss, backward, global-norm clipping,
+``nn.AdamWeightDecay``, EMA; one compiled graph), fp32 and fp16 compute. Reference: diffusers 0.35.2
+``LuminaNextDiT2DModel`` in PyTorch eager, the same loss, ``clip_grad_norm_``, ``torch.optim.AdamW`` and an EMA
+``lerp_``. Hidden 384 / 6 layers / 6 heads / 2 kv heads, 4 latent channels, 128-token captions of width 256. Each
+framework runs in its own process (peak RSS is its own); median of ``repeats`` steps after two warm-up steps (the
+first includes compilation, reported separately). The first step's loss is compared as a sanity check.
+"""
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+CONFIG = {"dim": 384, "n_layers": 6, "n_heads": 6, "n_kv_heads": 2, "qk_norm": True, "cap_feat_dim": 256,
+          "in_channels": 4, "learn_sigma": True}  # fmt: skip
+CAPTION, LR, CLIP, EMA = 128, 1e-4, 1.0, 0.999
+
+
+def random_state(model) -> dict:
+    rng = np.random.default_rng(0)
+    return {p.name: (0.02 * rng.standard_normal(p.shape)).astype(np.float32) for p in model.get_parameters()}
+
+
+def batch(size: int, tokens: int):
+    rng = np.random.default_rng(1)
+    side = int(round(tokens**0.5)) * 2  # square latent, patch 2
+    x1 = rng.standard_normal((size, 4, side, side)).astype(np.float32)
+    x0 = rng.standard_normal((size, 4, side, side)).astype(np.float32)
+    t = rng.uniform(0.0, 1.0, size).astype(np.float32)
+    cap = rng.standard_normal((size, CAPTION, CONFIG["cap_feat_dim"])).astype(np.float32)
+    mask = np.ones((size, CAPTION), np.int32)
+    mask[:, 96:] = 0
+    return x1, x0, t, cap, mask
+
+
+def project_step(precision: str, size: int, tokens: int):
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from mindone_lumina import nextdit, training
+    from mindone_lumina.loading import load_state_dict
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    model = nextdit.NextDiT(nextdit.resolve_config(CONFIG))
+    load_state_dict(model, random_state(model))
+    cfg = training.TrainConfig(data="-", output="-", lr=LR, grad_clip=CLIP, ema_decay=EMA, precision=precision)
+    trainer = training.Trainer(model, cfg)
+    x1, x0, t, cap, mask = batch(size, tokens)
+    side = x1.shape[2]
+    args = (*map(Tensor, (x1, x0, t, cap, mask)), *nextdit.rope_inputs(model.cfg, side, side, 1.0))
+    return lambda: float(trainer.step(*args)[0].asnumpy())
+
+
+def torch_step(size: int, tokens: int):
+    import torch
+    from diffusers import LuminaNextDiT2DModel
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    from mindone_lumina import nextdit
+    from mindone_lumina.convert import rename_from_project
+
+    cfg = nextdit.resolve_config(CONFIG)
+    ref = LuminaNextDiT2DModel(
+        sample_size=64, patch_size=2, in_channels=4, hidden_size=cfg.dim, num_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_kv_heads=cfg.n_kv_heads, multiple_of=cfg.multiple_of,
+        learn_sigma=True, qk_norm=True, cross_attention_dim=cfg.cap_feat_dim,
+    ).train()  # fmt: skip
+    state = rename_from_project(random_state(nextdit.NextDiT(cfg)), nextdit.DIFFUSERS_RULES)
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    ema = [p.detach().clone() for p in params]
+    x1, x0, t, cap, mask = (torch.from_numpy(a) for a in batch(size, tokens))
+    rope = get_2d_rotary_pos_embed_lumina(ref.head_dim, 384, 384)
+
+    def step():
+        tt = t[:, None, None, None]
+        v = ref(tt * x1 + (1 - tt) * x0, t, cap, mask, rope, cross_attention_kwargs={}, return_dict=False)[0]
+        loss = ((v[:, :4] - (x1 - x0)) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - EMA)
+        return float(loss)
+
+    return step
+
+
+def worker(kind: str, size: int, tokens: int, repeats: int) -> dict:
+    step = torch_step(size, tokens) if kind == "torch" else project_step(kind, size, tokens)
+    t0 = time.perf_counter()
+    loss0 = step()
+    first = time.perf_counter() - t0
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"first": first, "median": statistics.median(times), "loss0": loss0, "peak_mb": peak}
+
+
+def run_worker(kind: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--batch", str(args.batch), "--tokens", str(args.tokens),
+           "--repeats", str(args.repeats)]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--worker", choices=["torch", "fp32", "fp16"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.batch, args.tokens, args.repeats)))
+        return
+    import torch
+
+    import mindspore as ms
+
+    r = {kind: run_worker(kind, args) for kind in ("torch", "fp32", "fp16")}
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} "
+          f"threads), mindspore {ms.__version__}; batch {args.batch} x {args.tokens} tokens, median of "
+          f"{args.repeats} steps, each in its own process")  # fmt: skip
+    print("| step | PyTorch eager (diffusers + AdamW) | MindSpore graph fp32 | MindSpore graph fp16 |")
+    print("|---|---|---|---|")
+    t = {k: v["median"] for k, v in r.items()}
+    print(f"| seconds / step | {t['torch']:.3f} | {t['fp32']:.3f} | {t['fp16']:.3f} |")
+    print(f"| ratio to PyTorch | 1 | {t['fp32'] / t['torch']:.2f} | {t['fp16'] / t['torch']:.2f} |")
+    for label, key, fmt in (("first step s (compile)", "first", ".1f"), ("peak RSS MB", "peak_mb", ".0f")):
+        print(f"| {label} | " + " | ".join(format(r[k][key], fmt) for k in ("torch", "fp32", "fp16")) + " |")
+    rel = abs(r["fp32"]["loss0"] - r["torch"]["loss0"]) / abs(r["torch"]["loss0"])
+    print(f"| first-step loss | {r['torch']['loss0']:.6f} | {r['fp32']['loss0']:.6f} (rel {rel:.1e}) "
+          f"| {r['fp16']['loss0']:.6f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
