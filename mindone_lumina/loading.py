@@ -40,17 +40,21 @@ class LoadReport:
         return "; ".join(parts) if parts else "all keys matched"
 
 
-def check_state(cell: nn.Cell, state: Mapping) -> LoadReport:
-    """Compare names and shapes of ``state`` with the parameters of ``cell`` without touching either."""
-    params = {p.name: p for p in cell.get_parameters()}
-    missing = tuple(sorted(set(params) - set(state)))
-    unexpected = tuple(sorted(set(state) - set(params)))
+def compare_shapes(expected: Mapping, state: Mapping) -> LoadReport:
+    """Compare ``state`` (name -> array) with ``expected`` (name -> shape)."""
+    missing = tuple(sorted(set(expected) - set(state)))
+    unexpected = tuple(sorted(set(state) - set(expected)))
     mismatched = tuple(
-        (name, tuple(params[name].shape), tuple(np.shape(state[name])))
-        for name in sorted(set(params) & set(state))
-        if tuple(params[name].shape) != tuple(np.shape(state[name]))
+        (name, tuple(expected[name]), tuple(np.shape(state[name])))
+        for name in sorted(set(expected) & set(state))
+        if tuple(expected[name]) != tuple(np.shape(state[name]))
     )
     return LoadReport(missing, unexpected, mismatched)
+
+
+def check_state(cell: nn.Cell, state: Mapping) -> LoadReport:
+    """Compare names and shapes of ``state`` with the parameters of ``cell`` without touching either."""
+    return compare_shapes({p.name: tuple(p.shape) for p in cell.get_parameters()}, state)
 
 
 def load_state_dict(cell: nn.Cell, state: Mapping, strict: bool = True, what: str = "checkpoint") -> LoadReport:

@@ -28,7 +28,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from . import backend, gemma, nextdit
 from . import vae as vae_lib
 from .layers import parameter_count
-from .loading import load_state_dict
+from .loading import compare_shapes, load_state_dict
 
 # ------------------------------------------------------------------------------------------------------------------
 # Recipe
@@ -515,15 +515,25 @@ def latest_checkpoint(run: str) -> str | None:
 
 
 def load_checkpoint(folder: str, trainer) -> dict:
+    """Restore weights, EMA and optimizer state; every file is checked (names, shapes) before anything changes."""
     model = load_file(os.path.join(folder, "model.safetensors"))
     ema = load_file(os.path.join(folder, "ema.safetensors"))
     opt = load_file(os.path.join(folder, "optimizer.safetensors"))
+    own = {id(p) for p in trainer.params}
+    shapes = {n: tuple(p.shape) for n, p in zip(trainer.param_names, trainer.params)}
+    opt_shapes = {p.name: tuple(p.shape) for p in trainer.optimizer.get_parameters() if id(p) not in own}
+    for name, state, expected in (("model", model, shapes), ("ema", ema, shapes), ("optimizer", opt, opt_shapes)):
+        report = compare_shapes(expected, state)
+        if not report.ok:
+            raise ValueError(
+                f"cannot resume from {folder}: {name}.safetensors does not match this recipe's model "
+                f"({report.describe()}); the recipe changed since that run, so use a new output folder or restore it"
+            )
     for n, p, e in zip(trainer.param_names, trainer.params, trainer.ema):
         p.set_data(Tensor(model[n], p.dtype))
         e.set_data(Tensor(ema[n], e.dtype))
-    own = {id(p) for p in trainer.params}
     for p in trainer.optimizer.get_parameters():
-        if id(p) not in own and p.name in opt:
+        if id(p) not in own:
             p.set_data(Tensor(opt[p.name], p.dtype))
     with open(os.path.join(folder, "state.json")) as f:
         return json.load(f)

@@ -84,6 +84,13 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, data_and_encoder):
     assert state["step"] == 10
 
 
+def test_resume_with_a_changed_model_names_the_mismatch(tmp_path, data_and_encoder):
+    training.train(training.TrainConfig.from_yaml(recipe(tmp_path, data_and_encoder, steps=10, save_every=10)))
+    changed = recipe(tmp_path, data_and_encoder, steps=20, model={**TINY, "patch_size": 4})  # same output folder
+    with pytest.raises(ValueError, match=r"cannot resume from .*step_0000010: model.safetensors .*x_embedder.weight"):
+        training.train(training.TrainConfig.from_yaml(changed))
+
+
 def test_fp16_mixed_precision_trains_and_skips_overflowing_steps(tmp_path, data_and_encoder):
     logs = []
     # 2^40: the scaled gradients overflow fp16 until the dynamic scaler has halved the scale about 25 times
