@@ -10,6 +10,7 @@ setup(
     install_requires=[
         "mindspore==2.10.0",
         "mindone==0.5.0",
+        "ml_dtypes==0.5.1",  # imported by mindone.trainers (ZeRO), not declared by mindone 0.5.0
         "transformers==4.57.1",
         "numpy<2",
         "pillow",

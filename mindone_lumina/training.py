@@ -68,6 +68,7 @@ class TrainConfig:
     mode: str = "graph"
     precision: str = "fp32"  # compute dtype: fp32, fp16 (CPU and Ascend) or bf16 (Ascend); weights stay fp32
     loss_scale: float = 4096.0  # initial dynamic loss scale for fp16 (halved on overflow, doubled after 1000 steps)
+    zero_stage: int = 0  # 1: AdamW state sharded across the data-parallel ranks (mindone ZeRO stage 1)
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -77,6 +78,9 @@ class TrainConfig:
         if self.precision != "fp32" and self.mode != "graph":
             # measured: MindSpore 2.10 PyNative with Cell.to_float(fp16) returns NaN for Next-DiT on CPU
             raise ValueError(f"precision {self.precision} needs mode graph (mixed precision is cast by the compiler)")
+        if self.zero_stage not in (0, 1):
+            # stages 2-3 shard gradients with ReduceScatter, which MindSpore 2.10 lacks on CPU: they could not be tested
+            raise ValueError(f"zero_stage must be 0 or 1 (stages 2 and 3 are not implemented), got {self.zero_stage}")
         if self.t_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"t_sampling must be uniform or logit_normal, got {self.t_sampling!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -247,7 +251,8 @@ def prepare_data(cfg: TrainConfig, tokenizer, encoder, vae=None, log=print) -> D
     feats, mask = _encode_unique(tokenizer, encoder, captions + [""], cfg.max_caption_tokens)
     arrays.update(cap_feats=feats[:-1], cap_mask=mask[:-1], empty_feats=feats[-1], empty_mask=mask[-1])
     arrays["skipped"] = np.array([skipped.get(UNREADABLE, 0), skipped.get(TOO_SMALL, 0)], np.int64)
-    tmp = path + ".tmp"
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".features-")  # ranks sharing the folder each write their own
+    os.close(fd)
     save_file(arrays, tmp)
     os.replace(tmp, path)
     log(f"cached {len(images)} samples in {path}")
@@ -374,6 +379,14 @@ def _add_one(acc, grad):
     return acc + grad
 
 
+_shard = ops.MultitypeFuncGraph("shard")
+
+
+@_shard.register("Function", "Int", "Tensor", "Bool")
+def _shard_one(split, rank, grad, sharded):
+    return split(grad)[rank] if sharded else grad
+
+
 _scale = ops.MultitypeFuncGraph("scale")
 
 
@@ -390,6 +403,11 @@ class Trainer(nn.Cell):
     Mixed precision: the model computes in ``cfg.precision`` (``Cell.to_float``: inputs and parameters cast inside
     the graph) while parameters, gradients, optimizer state, EMA and the loss stay fp32. fp16 scales the loss
     dynamically and skips the update of a step whose gradients overflow; bf16 has fp32's range and needs no scaling.
+
+    ZeRO stage 1 (``zero_stage: 1`` under msrun) goes through mindone's ``ZeroHelper``: each rank keeps the AdamW
+    moments (and a working copy of the weights) of 1/world of every parameter whose first dimension divides by the
+    world size, updates that slice and all-gathers the weights. Gradients are still mean-reduced whole, so clipping
+    sees the global norm; checkpoints hold the gathered, whole optimizer state.
     """
 
     def __init__(self, model: nextdit.NextDiT, cfg: TrainConfig, world: int = 1):
@@ -417,6 +435,55 @@ class Trainer(nn.Cell):
         self.grad_fn = ms.value_and_grad(self._scaled_loss, None, self.params)
         # data parallel (msrun): gradients are mean-reduced across ranks before they are accumulated
         self.grad_reducer = nn.DistributedGradReducer(params, mean=True, degree=world) if world > 1 else None
+        self.zero = (
+            _zero_helper(self.optimizer, os.path.join(cfg.output, "zero")) if cfg.zero_stage and world > 1 else None
+        )
+        self.world = world
+
+    def _optimizer_entries(self) -> list:
+        """AdamW's own state (moments, step, learning rate): not the weights, nor ZeRO's working copy of them."""
+        skip = {id(p) for p in self.params}
+        if self.zero is not None:
+            skip |= {id(p) for p in self.zero.optimizer._parameters}
+        return [p for p in self.optimizer.get_parameters() if id(p) not in skip]
+
+    def _sharded_names(self) -> set:
+        if self.zero is None:
+            return set()
+        opt, split = self.optimizer, self.zero.need_parameter_split
+        return {m[i].name for m in (opt.moments1, opt.moments2) for i in range(len(split)) if split[i]}
+
+    def _slice(self, value, rows: int):
+        """This rank's ``rows`` rows of a whole array, as ZeroHelper splits along dim 0."""
+        return value[self.zero.op_rank_id * rows : (self.zero.op_rank_id + 1) * rows]
+
+    def optimizer_state(self) -> dict:
+        """Name -> whole array of AdamW's state on every rank. Under ZeRO the slices are all-gathered (along dim 0,
+        as ZeroHelper split them), so every rank must call this."""
+        sharded = self._sharded_names()
+        gather = self.zero.op_allgather if self.zero is not None else None
+        return {p.name: (gather(p.value()) if p.name in sharded else p).asnumpy() for p in self._optimizer_entries()}
+
+    def optimizer_shapes(self) -> dict:
+        """Name -> whole shape of each entry of ``optimizer_state``."""
+        sharded = self._sharded_names()
+        return {
+            p.name: (p.shape[0] * self.world, *p.shape[1:]) if p.name in sharded else tuple(p.shape)
+            for p in self._optimizer_entries()
+        }
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Inverse of ``optimizer_state`` (shapes checked by the caller): each rank takes its slice."""
+        sharded = self._sharded_names()
+        for p in self._optimizer_entries():
+            value = self._slice(state[p.name], p.shape[0]) if p.name in sharded else state[p.name]
+            p.set_data(Tensor(value, p.dtype))
+        if self.zero is not None:  # ZeRO's working copy of the weights must follow the loaded weights
+            for copy, weight, split in zip(
+                self.zero.optimizer._parameters, self.params, self.zero.need_parameter_split
+            ):
+                value = self._slice(weight.asnumpy(), copy.shape[0]) if split else weight.asnumpy()
+                copy.set_data(Tensor(value, copy.dtype))
 
     def _scaled_loss(self, *batch):
         loss = self.loss(*batch)
@@ -460,8 +527,28 @@ class Trainer(nn.Cell):
 
     def _update(self, grads):
         grads = ops.clip_by_global_norm(grads, self.clip)
-        self.optimizer(grads)
+        if self.zero is None:
+            self.optimizer(grads)
+        else:  # this rank's slice of each sharded gradient; the helper all-gathers the updated weights
+            rank, split = self.zero.op_rank_id, self.zero.need_parameter_split
+            grads = self.hyper_map(ops.partial(_shard, self.zero.split_op, rank), grads, split)
+            self.zero.run_optimizer(grads)
         self.hyper_map(ops.partial(_ema_update, self.ema_decay), self.ema, self.params)
+
+
+_ADAM = ("adam_m.", "adam_v.", "global_step", "learning_rate")  # AdamWeightDecay's own state (not its weight copy)
+
+
+def _zero_helper(optimizer, info_dir: str):
+    """mindone's ZeRO stage 1 over the whole data-parallel world (needs msrun and ParallelMode.DATA_PARALLEL)."""
+    from mindone.trainers.zero import ZeroHelper
+    from mindspore.communication import GlobalComm
+
+    helper = ZeroHelper(optimizer, 1, GlobalComm.WORLD_COMM_GROUP, params_split_info=info_dir)
+    if helper.zero_stage != 1:
+        raise ValueError("zero_stage 1 needs data-parallel mode: launch with msrun (tools/train.py sets it)")
+    helper.split_params()
+    return helper
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -473,17 +560,17 @@ def _save_arrays(path: str, arrays: dict):
     os.replace(tmp, path)
 
 
-def save_checkpoint(run: str, trainer, step: int, state: dict) -> str:
+def save_checkpoint(run: str, trainer, step: int, state: dict, optimizer: dict | None = None) -> str:
     """Write model, EMA and optimizer state to ``checkpoints/step_N`` (via a temporary folder) and then point
-    ``checkpoints/latest`` at it; a save killed at any point leaves the previous checkpoint the latest."""
+    ``checkpoints/latest`` at it; a save killed at any point leaves the previous checkpoint the latest.
+    ``optimizer``: the state from ``trainer.optimizer_state()`` when the caller gathered it on every rank."""
     root = os.path.join(run, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step:07d}")
     tmp = tempfile.mkdtemp(dir=root, prefix=".saving-")
     model = {n: p.asnumpy() for n, p in zip(trainer.param_names, trainer.params)}
     ema = {n: e.asnumpy() for n, e in zip(trainer.param_names, trainer.ema)}
-    own = {id(p) for p in trainer.params}
-    opt = {p.name: p.asnumpy() for p in trainer.optimizer.get_parameters() if id(p) not in own}
+    opt = trainer.optimizer_state() if optimizer is None else optimizer
     _save_arrays(os.path.join(tmp, "model.safetensors"), model)
     _save_arrays(os.path.join(tmp, "ema.safetensors"), ema)
     _save_arrays(os.path.join(tmp, "optimizer.safetensors"), opt)
@@ -519,10 +606,12 @@ def load_checkpoint(folder: str, trainer) -> dict:
     model = load_file(os.path.join(folder, "model.safetensors"))
     ema = load_file(os.path.join(folder, "ema.safetensors"))
     opt = load_file(os.path.join(folder, "optimizer.safetensors"))
-    own = {id(p) for p in trainer.params}
     shapes = {n: tuple(p.shape) for n, p in zip(trainer.param_names, trainer.params)}
-    opt_shapes = {p.name: tuple(p.shape) for p in trainer.optimizer.get_parameters() if id(p) not in own}
-    for name, state, expected in (("model", model, shapes), ("ema", ema, shapes), ("optimizer", opt, opt_shapes)):
+    for name, state, expected in (
+        ("model", model, shapes),
+        ("ema", ema, shapes),
+        ("optimizer", opt, trainer.optimizer_shapes()),
+    ):
         report = compare_shapes(expected, state)
         if not report.ok:
             raise ValueError(
@@ -532,9 +621,7 @@ def load_checkpoint(folder: str, trainer) -> dict:
     for n, p, e in zip(trainer.param_names, trainer.params, trainer.ema):
         p.set_data(Tensor(model[n], p.dtype))
         e.set_data(Tensor(ema[n], e.dtype))
-    for p in trainer.optimizer.get_parameters():
-        if id(p) not in own:
-            p.set_data(Tensor(opt[p.name], p.dtype))
+    trainer.load_optimizer_state(opt)
     with open(os.path.join(folder, "state.json")) as f:
         return json.load(f)
 
@@ -616,13 +703,19 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after
                 line += f" loss_scale {scale:g} skipped {int(trainer.skipped.asnumpy())}"
             log(line)
             t_log = time.perf_counter()
+        if (step + 1) % cfg.save_every == 0 or step + 1 == end:
+            opt = trainer.optimizer_state() if rank == 0 or trainer.zero is not None else None  # ZeRO: a collective
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == end):
             state = {"history": history[-cfg.save_every :], "skipped_steps": int(trainer.skipped.asnumpy())}
             if trainer.scaled:
                 state["loss_scale"] = float(trainer.scaler.scale_value.asnumpy())
                 state["loss_scale_counter"] = int(trainer.scaler.counter.asnumpy())
-            save_checkpoint(cfg.output, trainer, step + 1, state)
+            save_checkpoint(cfg.output, trainer, step + 1, state, opt)
     bar.close()
+    if world > 1:  # every rank leaves after rank 0's last save, so a relaunch resumes from it on every rank
+        from mindspore.mint.distributed import barrier
+
+        barrier()
     trainer.history, trainer.seen = history, seen  # per step (step, loss, lr); sample indices this rank used
     return trainer
 

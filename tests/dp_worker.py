@@ -1,4 +1,7 @@
-"""Run by msrun from tests/test_training.py: trains one recipe data-parallel and saves this rank's result."""
+"""Run by msrun from tests/test_training.py: trains one recipe data-parallel and saves this rank's result.
+
+dp_worker.py RECIPE OUT [--split]     --split: train half the steps, stop, resume (state goes through a checkpoint)
+"""
 
 import sys
 
@@ -14,6 +17,10 @@ ms.set_device("CPU")
 init()
 rank, world = get_rank(), get_group_size()
 ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
-trainer = train(TrainConfig.from_yaml(recipe, output=f"{out}/run{rank}"), rank, world)
+cfg = TrainConfig.from_yaml(recipe, output=f"{out}/run")  # one output folder, as on a cluster: rank 0 saves
+if "--split" in sys.argv:
+    train(cfg, rank, world, stop_after=cfg.steps // 2)
+trainer = train(cfg, rank, world)
 weights = {n: p.asnumpy() for n, p in zip(trainer.param_names, trainer.params)}
-np.savez(f"{out}/rank{rank}.npz", seen=np.array(trainer.seen), **weights)
+rows = np.array([m.shape[0] for m in trainer.optimizer.moments1])  # this rank's rows of each first moment
+np.savez(f"{out}/rank{rank}.npz", seen=np.array(trainer.seen), moment_rows=rows, **weights)

@@ -168,13 +168,17 @@ def test_lr_schedule():
     assert training.lr_at(cfg, 110) == pytest.approx(0.0)
 
 
-def test_msrun_data_parallel_matches_single_process(tmp_path, data_and_encoder):
-    """2 CPU workers (mccl) with 1 sample each == one process with the global batch of 2."""
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_msrun_data_parallel_matches_single_process(tmp_path, data_and_encoder, zero_stage):
+    """2 CPU workers (mccl) with 1 sample each == one process with the global batch of 2. With ZeRO stage 1 each
+    rank holds half of AdamW's moments, and the run stops and resumes half-way (sharded state through a checkpoint)."""
     import socket
     import subprocess
     import sys
 
-    path = recipe(tmp_path, data_and_encoder, steps=4, batch_size=1, save_every=4)
+    from safetensors.numpy import load_file
+
+    path = recipe(tmp_path, data_and_encoder, steps=4, batch_size=1, save_every=2, zero_stage=zero_stage)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -182,16 +186,27 @@ def test_msrun_data_parallel_matches_single_process(tmp_path, data_and_encoder):
     worker = os.path.join(os.path.dirname(__file__), "dp_worker.py")
     cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1", f"--master_port={port}",
            "--join=True", "--cluster_time_out=240", f"--log_dir={tmp_path / 'logs'}"]  # fmt: skip
-    cmd += [worker, path, str(tmp_path)]
+    cmd += [worker, path, str(tmp_path)] + (["--split"] if zero_stage else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in (0, 1)]
     assert not set(ranks[0].pop("seen")) & set(ranks[1].pop("seen"))  # disjoint shards
+    rows = [r.pop("moment_rows") for r in ranks]
     single = training.train(training.TrainConfig.from_yaml(path, output=str(tmp_path / "single"), batch_size=2))
+    whole = np.array([m.shape[0] for m in single.optimizer.moments1])
+    if zero_stage:
+        assert (rows[0] < whole).sum() >= len(whole) // 2  # most moments sharded (dim 0 divisible by 2)
+        assert np.array_equal(rows[0], rows[1]) and np.all((rows[0] == whole) | (2 * rows[0] == whole))
+    else:
+        assert np.array_equal(rows[0], whole)
     for name, p in zip(single.param_names, single.params):
         assert np.array_equal(ranks[0][name], ranks[1][name]), name  # ranks in lockstep
         ref = p.asnumpy()
         assert np.abs(ranks[0][name] - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max()), name  # reduction order only
+    saved = load_file(os.path.join(training.latest_checkpoint(str(tmp_path / "run")), "optimizer.safetensors"))
+    for name, ref in single.optimizer_state().items():  # gathered whole, whatever the sharding
+        assert saved[name].shape == ref.shape, name
+        assert np.abs(saved[name] - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max()), name
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(__file__), os.pardir, "configs"))))
