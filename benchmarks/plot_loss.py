@@ -26,7 +26,8 @@ def main(log_path: str, out_path: str, width: int = 640, height: int = 360, pad:
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
         draw.text((5, y(frac * top) - 6), f"{frac * top:.2f}", fill="black")
     draw.text((width / 2 - 60, height - pad + 15), f"step ({steps[0]}-{steps[-1]})", fill="black")
-    draw.text((pad, 15), "flow-matching loss (one batch, logged every 25 steps)", fill="black")
+    every = steps[1] - steps[0]
+    draw.text((pad, 15), f"flow-matching loss (one batch, logged every {every} steps)", fill="black")
     draw.line([(x(s), y(v)) for s, v in points], fill=(200, 30, 30), width=2)
     im.save(out_path)
     print(f"wrote {out_path} ({len(points)} points, final loss {losses[-1]:.4f})")

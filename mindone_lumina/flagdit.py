@@ -17,8 +17,6 @@ path is implemented (``pad_token`` is kept so checkpoints load strictly); the le
 ``construct``. Time convention: t in [0, 1], t = 0 is noise and t = 1 is data.
 """
 
-import dataclasses
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,10 +24,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn
 
-from . import rope
+from . import nextdit, rope
 from .layers import LayerNorm, RMSNorm, linear
-from .nextdit import Attention, FeedForward, TimestepEmbedder
-from .sampling import combine_guidance
+from .nextdit import Attention, CheckedInputs, DiTShape, FeedForward, TimestepEmbedder
 
 ROPE_LENGTH = 40000  # the original precomputes 40000 positions (``precompute_freqs_cis(head_dim, 40000)``)
 
@@ -38,7 +35,7 @@ ROPE_LENGTH = 40000  # the original precomputes 40000 positions (``precompute_fr
 # Configuration
 # ------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class FlagDiTConfig:
+class FlagDiTConfig(DiTShape):
     """Keyword arguments of the original ``DiT_Llama`` constructor (same names and defaults).
 
     ``rope_scaling_factor`` and ``ntk_factor`` change no parameter: they are the RoPE scaling ``forward`` uses when
@@ -60,43 +57,13 @@ class FlagDiTConfig:
     rope_scaling_factor: float = 1.0
     ntk_factor: float = 1.0
 
+    FAMILY = "Flag-DiT"
+
     def __post_init__(self):
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"1-D RoPE needs an even head_dim, got {self.head_dim}")
-        if self.n_heads % self.kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.kv_heads}")
-        for name in ("patch_size", "in_channels", "n_layers", "multiple_of", "cap_feat_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self._check_sizes("1-D", rope_divisor=2)  # 1-D RoPE rotates pairs
         for name in ("rope_scaling_factor", "ntk_factor"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def cond_dim(self) -> int:
-        return min(self.dim, 1024)  # width of the timestep / caption embedding and of the adaLN input
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def ffn_hidden(self) -> int:
-        """LLaMA FFN width: 2/3 of 4 * dim, times the multiplier, rounded up to ``multiple_of`` (as Next-DiT)."""
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     def num_parameters(self) -> int:
         d, c, kv, f, y = self.dim, self.cond_dim, self.kv_heads * self.head_dim, self.ffn_hidden, self.cap_feat_dim
@@ -107,15 +74,6 @@ class FlagDiTConfig:
         final = (d + 1) * p2 * self.out_channels + (c + 1) * 2 * d
         return top + self.n_layers * block + final
 
-    @classmethod
-    def from_dict(cls, args: dict) -> "FlagDiTConfig":
-        """Build from the original constructor's keyword arguments (``model_args.json``)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ValueError(f"unknown Flag-DiT argument(s) {unknown}; expected a subset of {sorted(known)}")
-        return cls(**args)
-
 
 PRESETS = {
     # Lumina-T2I: DiT_Llama_5B_patch2 with --qk_norm, conditioned on LLaMA-2-7B (hidden 4096).
@@ -125,19 +83,7 @@ PRESETS = {
 
 def resolve_config(arch) -> FlagDiTConfig:
     """A preset name, a path to a JSON of constructor arguments, a dict, or a config."""
-    if isinstance(arch, FlagDiTConfig):
-        return arch
-    if isinstance(arch, dict):
-        return FlagDiTConfig.from_dict(arch)
-    if arch in PRESETS:
-        return PRESETS[arch]
-    if str(arch).endswith(".json"):
-        try:
-            with open(arch) as f:
-                return FlagDiTConfig.from_dict(json.load(f))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read Flag-DiT arguments from {arch}: {e}") from e
-    raise ValueError(f"unknown architecture {arch!r}: expected a preset {sorted(PRESETS)} or a .json file")
+    return nextdit.resolve_dit_config(arch, FlagDiTConfig, PRESETS)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -207,7 +153,7 @@ class FinalLayer(nn.Cell):
 # ------------------------------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------------------------------
-class FlagDiT(nn.Cell):
+class FlagDiT(CheckedInputs, nn.Cell):
     """Flag-DiT velocity model ``v(x_t, t, caption)``, with the construct contract of ``nextdit.NextDiT``.
 
     ``construct(x, t, cap_feats, cap_mask, rope_cos, rope_sin, attn_gain)``:
@@ -232,29 +178,8 @@ class FlagDiT(nn.Cell):
         self.eol_token = Parameter(ms.common.initializer.initializer(normal, (d,), ms.float32))  # [nextline]
         self.pad_token = Parameter(ms.common.initializer.initializer(normal, (d,), ms.float32))  # list path only
 
-    def check_inputs(self, x, t, cap_feats, cap_mask, rope_cos=None, rope_sin=None):
-        """Raise ``ValueError`` naming the first input that does not fit this model."""
-        cfg, p = self.cfg, self.cfg.patch_size
-        if len(x.shape) != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x must be (B, {cfg.in_channels}, H, W) latents, got shape {tuple(x.shape)}")
-        b, _, h, w = x.shape
-        if h % p or w % p:
-            raise ValueError(f"latent height and width must be divisible by the patch size {p}, got {h}x{w}")
-        if tuple(t.shape) != (b,):
-            raise ValueError(f"t must have shape ({b},), got {tuple(t.shape)}")
-        if len(cap_feats.shape) != 3 or cap_feats.shape[0] != b or cap_feats.shape[2] != cfg.cap_feat_dim:
-            raise ValueError(f"cap_feats must be ({b}, Lc, {cfg.cap_feat_dim}), got shape {tuple(cap_feats.shape)}")
-        if tuple(cap_mask.shape) != tuple(cap_feats.shape[:2]):
-            raise ValueError(f"cap_mask must be {tuple(cap_feats.shape[:2])}, got shape {tuple(cap_mask.shape)}")
-        seq = token_count(cfg, h, w)
-        for name, table in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
-            if table is not None and tuple(table.shape) != (seq, cfg.head_dim // 2):
-                raise ValueError(f"{name} must be ({seq}, {cfg.head_dim // 2}), got shape {tuple(table.shape)}")
-
-    def __call__(self, *args, **kwargs):
-        if len(args) >= 4 and not kwargs:  # validate before graph compilation, in both modes
-            self.check_inputs(*args[:4], *args[4:6])
-        return super().__call__(*args, **kwargs)
+    def token_count(self, height: int, width: int) -> int:
+        return token_count(self.cfg, height, width)
 
     def construct(self, x, t, cap_feats, cap_mask, rope_cos, rope_sin, attn_gain):
         b, c, h, w = x.shape
@@ -319,17 +244,9 @@ def forward(model: FlagDiT, x, t, cap_feats, cap_mask, scaling: RopeScaling = Ro
 
 
 def forward_with_cfg(model, x, t, cap_feats, cap_mask, cfg_scale: float, scaling=RopeScaling(), guided_channels=3):
-    """The original ``forward_with_cfg``: the first half of ``x`` is run with captions [cond, uncond], guidance on
-    the first ``guided_channels`` channels (3, as the original; None = all).
-
-    Returns the full batch as the original does: the guided channels repeated for both halves, the unguided channels
-    as each half computed them.
-    """
-    half = x[: x.shape[0] // 2]
-    out = forward(model, mint.cat([half, half], dim=0), t, cap_feats, cap_mask, scaling)
-    guided = combine_guidance(out, cfg_scale, None)  # (B/2, C, H, W)
-    k = out.shape[1] if guided_channels is None else guided_channels
-    return mint.cat([mint.cat([guided[:, :k], guided[:, :k]], dim=0), out[:, k:]], dim=1)
+    """The original ``forward_with_cfg`` (batch [cond, uncond], guidance on the first ``guided_channels``), as
+    ``nextdit.forward_with_cfg`` with Flag-DiT's RoPE scaling."""
+    return nextdit.forward_with_cfg(model, x, t, cap_feats, cap_mask, cfg_scale, scaling, guided_channels, forward)
 
 
 def attention_base_seqlen(train_size: int = 1024, size_multiple: int = 16) -> int:

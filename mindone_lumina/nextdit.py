@@ -32,28 +32,18 @@ from .sampling import combine_guidance
 # ------------------------------------------------------------------------------------------------------------------
 # Configuration
 # ------------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class NextDiTConfig:
-    """Keyword arguments of the original ``NextDiT`` constructor (same names and defaults)."""
+class DiTShape:
+    """Derived sizes and checks shared by the Lumina DiT configs (Next-DiT here, Flag-DiT in ``flagdit.py``): both
+    take the original constructors' argument names. Subclasses set ``FAMILY`` and ``IGNORED_ARGS``."""
 
-    patch_size: int = 2
-    in_channels: int = 4
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int | None = None
-    multiple_of: int = 256
-    ffn_dim_multiplier: float | None = None
-    norm_eps: float = 1e-5
-    learn_sigma: bool = True
-    qk_norm: bool = False
-    cap_feat_dim: int = 5120
+    FAMILY = "DiT"
+    IGNORED_ARGS = ()  # constructor arguments of the original that are run-time settings, accepted and ignored
 
-    def __post_init__(self):
+    def _check_sizes(self, rope: str, rope_divisor: int):
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
-        if self.head_dim % 4:
-            raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {self.head_dim}")
+        if self.head_dim % rope_divisor:
+            raise ValueError(f"{rope} RoPE needs head_dim divisible by {rope_divisor}, got {self.head_dim}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.kv_heads}")
         for name in ("patch_size", "in_channels", "n_layers", "multiple_of", "cap_feat_dim"):
@@ -84,6 +74,58 @@ class NextDiTConfig:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
+    @classmethod
+    def from_dict(cls, args: dict):
+        """Build from the original constructor's keyword arguments (``model_args.json``)."""
+        args = {k: v for k, v in args.items() if k not in cls.IGNORED_ARGS}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.FAMILY} argument(s) {unknown}; expected a subset of {sorted(known)}")
+        return cls(**args)
+
+
+def resolve_dit_config(arch, cls, presets: dict):
+    """A preset name, a path to a JSON of constructor arguments, a dict, or a ``cls`` instance."""
+    if isinstance(arch, cls):
+        return arch
+    if isinstance(arch, dict):
+        return cls.from_dict(arch)
+    if arch in presets:
+        return presets[arch]
+    if str(arch).endswith(".json"):
+        try:
+            with open(arch) as f:
+                return cls.from_dict(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {cls.FAMILY} arguments from {arch}: {e}") from e
+    raise ValueError(f"unknown architecture {arch!r}: expected a preset {sorted(presets)} or a .json file")
+
+
+@dataclass(frozen=True)
+class NextDiTConfig(DiTShape):
+    """Keyword arguments of the original ``NextDiT`` constructor (same names and defaults). ``scale_factor`` and
+    ``use_flash_attn`` are run-time settings of the original: ``from_dict`` accepts and ignores them."""
+
+    FAMILY = "Next-DiT"
+    IGNORED_ARGS = ("scale_factor", "use_flash_attn")
+
+    patch_size: int = 2
+    in_channels: int = 4
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    learn_sigma: bool = True
+    qk_norm: bool = False
+    cap_feat_dim: int = 5120
+
+    def __post_init__(self):
+        self._check_sizes("2-D", rope_divisor=4)  # 2-D RoPE: half the head for rows, half for columns, in pairs
+
     def num_parameters(self) -> int:
         d, c, kv, f, y = self.dim, self.cond_dim, self.kv_heads * self.head_dim, self.ffn_hidden, self.cap_feat_dim
         p2 = self.patch_size**2
@@ -92,19 +134,6 @@ class NextDiTConfig:
         top = d + (p2 * self.in_channels + 1) * d + (256 + 1) * c + (c + 1) * c + 2 * y + (y + 1) * c
         final = (d + 1) * p2 * self.out_channels + (c + 1) * d
         return top + self.n_layers * block + final
-
-    @classmethod
-    def from_dict(cls, args: dict) -> "NextDiTConfig":
-        """Build from the original constructor's keyword arguments (``model_args.json``).
-
-        ``scale_factor`` and ``use_flash_attn`` are run-time settings of the original and are accepted and ignored.
-        """
-        args = {k: v for k, v in args.items() if k not in ("scale_factor", "use_flash_attn")}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ValueError(f"unknown Next-DiT argument(s) {unknown}; expected a subset of {sorted(known)}")
-        return cls(**args)
 
 
 PRESETS = {
@@ -117,19 +146,7 @@ PRESETS = {
 
 def resolve_config(arch) -> NextDiTConfig:
     """A preset name, a path to a JSON of constructor arguments, a dict, or a config."""
-    if isinstance(arch, NextDiTConfig):
-        return arch
-    if isinstance(arch, dict):
-        return NextDiTConfig.from_dict(arch)
-    if arch in PRESETS:
-        return PRESETS[arch]
-    if str(arch).endswith(".json"):
-        try:
-            with open(arch) as f:
-                return NextDiTConfig.from_dict(json.load(f))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read Next-DiT arguments from {arch}: {e}") from e
-    raise ValueError(f"unknown architecture {arch!r}: expected a preset {sorted(PRESETS)} or a .json file")
+    return resolve_dit_config(arch, NextDiTConfig, PRESETS)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -250,7 +267,36 @@ class FinalLayer(nn.Cell):
 # ------------------------------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------------------------------
-class NextDiT(nn.Cell):
+class CheckedInputs:
+    """``check_inputs`` before the graph runs, for the Lumina DiTs (construct contract of ``NextDiT``); the model
+    gives ``cfg`` and ``token_count(height, width)``."""
+
+    def check_inputs(self, x, t, cap_feats, cap_mask, rope_cos=None, rope_sin=None):
+        """Raise ``ValueError`` naming the first input that does not fit this model."""
+        cfg, p = self.cfg, self.cfg.patch_size
+        if len(x.shape) != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be (B, {cfg.in_channels}, H, W) latents, got shape {tuple(x.shape)}")
+        b, _, h, w = x.shape
+        if h % p or w % p:
+            raise ValueError(f"latent height and width must be divisible by the patch size {p}, got {h}x{w}")
+        if tuple(t.shape) != (b,):
+            raise ValueError(f"t must have shape ({b},), got {tuple(t.shape)}")
+        if len(cap_feats.shape) != 3 or cap_feats.shape[0] != b or cap_feats.shape[2] != cfg.cap_feat_dim:
+            raise ValueError(f"cap_feats must be ({b}, Lc, {cfg.cap_feat_dim}), got shape {tuple(cap_feats.shape)}")
+        if tuple(cap_mask.shape) != tuple(cap_feats.shape[:2]):
+            raise ValueError(f"cap_mask must be {tuple(cap_feats.shape[:2])}, got shape {tuple(cap_mask.shape)}")
+        seq = self.token_count(h, w)
+        for name, table in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+            if table is not None and tuple(table.shape) != (seq, cfg.head_dim // 2):
+                raise ValueError(f"{name} must be ({seq}, {cfg.head_dim // 2}), got shape {tuple(table.shape)}")
+
+    def __call__(self, *args, **kwargs):
+        if len(args) >= 4 and not kwargs:  # validate before graph compilation, in both modes
+            self.check_inputs(*args[:4], *args[4:6])
+        return super().__call__(*args, **kwargs)
+
+
+class NextDiT(CheckedInputs, nn.Cell):
     """Next-DiT velocity model ``v(x_t, t, caption)``.
 
     ``construct(x, t, cap_feats, cap_mask, rope_cos, rope_sin, attn_gain)``:
@@ -275,29 +321,8 @@ class NextDiT(nn.Cell):
             ms.common.initializer.initializer(_normal(0.02), (d,), ms.float32)
         )  # only used by the original's list path
 
-    def check_inputs(self, x, t, cap_feats, cap_mask, rope_cos=None, rope_sin=None):
-        """Raise ``ValueError`` naming the first input that does not fit this model."""
-        cfg, p = self.cfg, self.cfg.patch_size
-        if len(x.shape) != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x must be (B, {cfg.in_channels}, H, W) latents, got shape {tuple(x.shape)}")
-        b, _, h, w = x.shape
-        if h % p or w % p:
-            raise ValueError(f"latent height and width must be divisible by the patch size {p}, got {h}x{w}")
-        if tuple(t.shape) != (b,):
-            raise ValueError(f"t must have shape ({b},), got {tuple(t.shape)}")
-        if len(cap_feats.shape) != 3 or cap_feats.shape[0] != b or cap_feats.shape[2] != cfg.cap_feat_dim:
-            raise ValueError(f"cap_feats must be ({b}, Lc, {cfg.cap_feat_dim}), got shape {tuple(cap_feats.shape)}")
-        if tuple(cap_mask.shape) != tuple(cap_feats.shape[:2]):
-            raise ValueError(f"cap_mask must be {tuple(cap_feats.shape[:2])}, got shape {tuple(cap_mask.shape)}")
-        seq = (h // p) * (w // p)
-        for name, table in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
-            if table is not None and tuple(table.shape) != (seq, cfg.head_dim // 2):
-                raise ValueError(f"{name} must be ({seq}, {cfg.head_dim // 2}), got shape {tuple(table.shape)}")
-
-    def __call__(self, *args, **kwargs):
-        if len(args) >= 4 and not kwargs:  # validate before graph compilation, in both modes
-            self.check_inputs(*args[:4], *args[4:6])
-        return super().__call__(*args, **kwargs)
+    def token_count(self, height: int, width: int) -> int:
+        return (height // self.cfg.patch_size) * (width // self.cfg.patch_size)
 
     def embed(self, x, t, cap_feats, cap_mask):
         """Patchify and embed: (tokens (B, L, dim), conditioning (B, cond), caption mask (B, Lc) bool), the inputs of
@@ -371,15 +396,17 @@ def forward(model: NextDiT, x, t, cap_feats, cap_mask, scaling: RopeScaling = Ro
     return model(x, t, cap_feats, cap_mask, cos, sin, gain)
 
 
-def forward_with_cfg(model, x, t, cap_feats, cap_mask, cfg_scale: float, scaling=RopeScaling(), guided_channels=3):
+def forward_with_cfg(
+    model, x, t, cap_feats, cap_mask, cfg_scale: float, scaling=RopeScaling(), guided_channels=3, run=None
+):
     """The original ``forward_with_cfg``: the first half of ``x`` is run with captions [cond, uncond], guidance on
     the first ``guided_channels`` channels (3, as the original; None = all).
 
     Returns the full batch as the original does: the guided channels repeated for both halves, the unguided channels
-    (channel 3 by default) as each half computed them.
+    (channel 3 by default) as each half computed them. ``run``: the family's ``forward`` (Flag-DiT passes its own).
     """
     half = x[: x.shape[0] // 2]
-    out = forward(model, mint.cat([half, half], dim=0), t, cap_feats, cap_mask, scaling)
+    out = (forward if run is None else run)(model, mint.cat([half, half], dim=0), t, cap_feats, cap_mask, scaling)
     guided = combine_guidance(out, cfg_scale, None)  # (B/2, C, H, W)
     k = out.shape[1] if guided_channels is None else guided_channels
     return mint.cat([mint.cat([guided[:, :k], guided[:, :k]], dim=0), out[:, k:]], dim=1)

@@ -209,16 +209,17 @@ def _torch_trajectory(pipe, noise, probe: Probe) -> tuple:
 # ------------------------------------------------------------------------------------------------------------------
 # Tiny random model (the default): Gemma 32 wide x 3 layers, Next-DiT 32 wide x 4 blocks, 8x VAE 32 channels
 # ------------------------------------------------------------------------------------------------------------------
-def build_tiny_model(folder: str, seed: int = 0) -> str:
-    """Save a tiny random diffusers ``LuminaPipeline`` to ``folder`` and return it. Every parameter is random (norm
-    scales near 1), so the zero-initialised gates and adaLN layers take part."""
+def build_tiny_model(folder: str, seed: int = 0, num_layers: int = 4, texts=None) -> str:
+    """Save a tiny random diffusers ``LuminaPipeline`` under ``folder/pipe`` and return that folder. Every Gemma and
+    Next-DiT parameter is random (norm scales near 1), so the zero-initialised gates and adaLN layers take part. The
+    BPE tokenizer is trained on ``texts`` (default: the report's prompts)."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
     from transformers import GemmaConfig, GemmaModel, GemmaTokenizerFast
 
     torch.manual_seed(seed)
     tok_dir = os.path.join(folder, "tokenizer-src")
-    gemma.train_tokenizer(TOKENIZER_TEXTS, 300).save_pretrained(tok_dir)
+    gemma.train_tokenizer(TOKENIZER_TEXTS if texts is None else texts, 300).save_pretrained(tok_dir)
     tokenizer = GemmaTokenizerFast.from_pretrained(tok_dir)
     tokenizer.padding_side = "right"
     gemma_cfg = GemmaConfig(
@@ -226,12 +227,12 @@ def build_tiny_model(folder: str, seed: int = 0) -> str:
         num_key_value_heads=1, head_dim=8, max_position_embeddings=512, pad_token_id=0, bos_token_id=2,
         eos_token_id=1,
     )  # fmt: skip
-    text_encoder = _randomize(GemmaModel(gemma_cfg).eval(), seed + 1, std=0.3)
+    text_encoder = randomize_torch_(GemmaModel(gemma_cfg).eval(), seed + 1, std=0.3)
     transformer = LuminaNextDiT2DModel(
-        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=4, num_attention_heads=2,
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=num_layers, num_attention_heads=2,
         num_kv_heads=1, multiple_of=16, learn_sigma=True, qk_norm=True, cross_attention_dim=32,
     ).eval()  # fmt: skip
-    _randomize(transformer, seed + 2, std=0.1)
+    randomize_torch_(transformer, seed + 2, std=0.1)
     with torch.no_grad():
         for block in transformer.layers:  # real checkpoints hold equal copies of wq / q_norm in attn1 and attn2
             block.attn2.to_q.weight.copy_(block.attn1.to_q.weight)
@@ -247,7 +248,9 @@ def build_tiny_model(folder: str, seed: int = 0) -> str:
     return out
 
 
-def _randomize(module, seed: int, std: float):
+def randomize_torch_(module, seed: int = 0, std: float = 0.1):
+    """Give every parameter of a torch module a random value in place (norm scales around 1, the rest around 0), so
+    that zero-initialised gates, adaLN and output layers take part in a comparison."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)

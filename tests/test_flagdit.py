@@ -141,7 +141,7 @@ def test_config_errors():
     assert flagdit.FlagDiTConfig.from_dict({**args, "rope_scaling_factor": 2.0}).rope_scaling_factor == 2.0
     with pytest.raises(ValueError, match=r"unknown Flag-DiT argument.*'scale_factor'"):
         flagdit.FlagDiTConfig.from_dict({**args, "scale_factor": 1.0})
-    with pytest.raises(ValueError, match="even head_dim, got 5"):
+    with pytest.raises(ValueError, match="1-D RoPE needs head_dim divisible by 2, got 5"):
         flagdit.FlagDiTConfig(dim=20, n_heads=4)
     with pytest.raises(ValueError, match="ntk_factor must be positive"):
         flagdit.FlagDiTConfig(dim=64, n_heads=4, ntk_factor=0.0)
