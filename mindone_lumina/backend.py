@@ -106,7 +106,7 @@ def attention(q, k, v, key_mask, scale: float, fused: bool = False, attn_mask=No
     v = mint.permute(v, (0, 2, 1, 3))  # (B, N, S, D)
     scores = mint.matmul(q, k).astype(ms.float32) * scale  # (B, N, L, S); softmax in fp32 as torch SDPA does
     if key_mask is not None:
-        keep = key_mask.astype(ms.float32)[:, None, None, :]  # (B, 1, 1, S)
+        keep = key_mask.astype(ms.float32).reshape(key_mask.shape[0], 1, 1, -1)  # (B, 1, 1, S)
         scores = scores + (1.0 - keep) * _MASKED  # additive, as FullLike/masked_fill have no CPU kernel
     if attn_mask is not None:
         scores = scores + (1.0 - attn_mask.astype(ms.float32)) * _MASKED  # (B|1, 1, L, S) broadcast
@@ -117,7 +117,7 @@ def attention(q, k, v, key_mask, scale: float, fused: bool = False, attn_mask=No
 def _repeat_kv(x, rep: int):
     """(B, S, Nkv, D) -> (B, S, Nkv * rep, D), each kv head repeated ``rep`` times in place (repeat-interleave)."""
     b, s, n_kv, d = x.shape
-    return mint.broadcast_to(x[:, :, :, None, :], (b, s, n_kv, rep, d)).reshape(b, s, n_kv * rep, d)
+    return mint.broadcast_to(x.unsqueeze(3), (b, s, n_kv, rep, d)).reshape(b, s, n_kv * rep, d)
 
 
 def _flash_attention(q, k, v, key_mask, scale: float, attn_mask=None):

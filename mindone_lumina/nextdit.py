@@ -168,7 +168,7 @@ class TimestepEmbedder(nn.Cell):
         self.freqs = Tensor(np.exp(-math.log(10000) * np.arange(half, dtype=np.float32) / half), ms.float32)
 
     def construct(self, t):
-        args = t.astype(ms.float32)[:, None] * self.freqs[None]  # (B, 128)
+        args = t.astype(ms.float32).unsqueeze(1) * self.freqs.unsqueeze(0)  # (B, 128)
         emb = mint.cat([mint.cos(args), mint.sin(args)], dim=-1)  # (B, 256)
         return self.mlp(emb.astype(self.mlp[0].weight.dtype))  # (B, C)
 
@@ -243,11 +243,11 @@ class TransformerBlock(nn.Cell):
 
     def construct(self, x, cos, sin, gain, y, y_mask, c):
         scale_msa, gate_msa, scale_mlp, gate_mlp = mint.chunk(self.adaLN_modulation(c), 4, dim=1)  # (B, dim) x4
-        h = self.attention_norm1(x) * (1 + scale_msa[:, None])
+        h = self.attention_norm1(x) * (1 + scale_msa.unsqueeze(1))
         h = self.attention(h, cos, sin, gain, self.attention_y_norm(y), y_mask)
-        x = x + mint.tanh(gate_msa)[:, None] * self.attention_norm2(h)
-        h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp[:, None]))
-        return x + mint.tanh(gate_mlp)[:, None] * self.ffn_norm2(h)  # (B, L, dim)
+        x = x + mint.tanh(gate_msa).unsqueeze(1) * self.attention_norm2(h)
+        h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp.unsqueeze(1)))
+        return x + mint.tanh(gate_mlp).unsqueeze(1) * self.ffn_norm2(h)  # (B, L, dim)
 
 
 class FinalLayer(nn.Cell):
@@ -261,7 +261,7 @@ class FinalLayer(nn.Cell):
 
     def construct(self, x, c):
         scale = self.adaLN_modulation(c)  # (B, dim)
-        return self.linear(self.norm_final(x) * (1 + scale[:, None]))  # (B, L, p*p*C_out)
+        return self.linear(self.norm_final(x) * (1 + scale.unsqueeze(1)))  # (B, L, p*p*C_out)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -333,7 +333,7 @@ class NextDiT(CheckedInputs, nn.Cell):
         x = mint.permute(x.reshape(b, c, gh, p, gw, p), (0, 2, 4, 1, 3, 5)).reshape(b, gh * gw, c * p * p)  # (c,ph,pw)
         x = self.x_embedder(x)  # (B, L, dim)
 
-        mask = cap_mask.astype(ms.float32)[:, :, None]  # (B, Lc, 1)
+        mask = cap_mask.astype(ms.float32).unsqueeze(2)  # (B, Lc, 1)
         pooled = (cap_feats.astype(ms.float32) * mask).sum(axis=1) / mask.sum(axis=1)  # masked mean, (B, Dc)
         c_emb = self.t_embedder(t) + self.cap_embedder(pooled.astype(cap_feats.dtype))  # (B, cond)
         return x, c_emb, cap_mask.astype(ms.bool_)

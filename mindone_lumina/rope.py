@@ -13,9 +13,11 @@ import math
 
 import numpy as np
 
-from mindspore import mint
+import mindspore as ms
+from mindspore import Tensor, mint
 
 THETA = 10000.0
+_SWAP = Tensor(np.array([[0.0, 1.0], [1.0, 0.0]], np.float32))  # exchanges the two members of a pair (exactly)
 MAX_GRID = 384  # the original precomputes 384 x 384 patch positions (6144 px per side)
 
 
@@ -94,14 +96,17 @@ def proportional_attention_gain(seq_len: int, base_seqlen: int | None) -> float:
 
 
 def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs of ``x`` (B, L, N, D) by the angles of ``cos``/``sin`` (L, D/2), in fp32."""
+    """Rotate adjacent pairs of ``x`` (B, L, N, D) by the angles of ``cos``/``sin`` (L, D/2), in fp32.
+
+    Written as ``x * C + swap(x) * S`` on whole head vectors (``C`` = cos repeated per pair, ``S`` = (-sin, sin) per
+    pair, ``swap`` exchanging the two members of each pair) rather than by slicing out the real and imaginary
+    parts: strided slices, flips and their gradients are slow MindSpore CPU kernels. Each output element is the same
+    product pair as ``re * cos - im * sin`` / ``re * sin + im * cos``, so the result is bitwise the same.
+    """
     dtype = x.dtype
     b, seq, n, d = x.shape
-    x = x.astype("float32").reshape(b, seq, n, d // 2, 2)
-    x_re, x_im = x[..., 0], x[..., 1]  # (B, L, N, D/2)
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
-    out_re = x_re * cos - x_im * sin
-    out_im = x_re * sin + x_im * cos
-    out = mint.cat([out_re.unsqueeze(-1), out_im.unsqueeze(-1)], dim=-1)  # stack without StackExt (no CPU kernel)
-    return out.reshape(b, seq, n, d).astype(dtype)
+    x = x.astype(ms.float32)
+    swapped = mint.matmul(x.reshape(b, seq, n, d // 2, 2), _SWAP).reshape(b, seq, n, d)  # (im, re) per pair
+    c = mint.broadcast_to(cos.unsqueeze(2), (seq, d // 2, 2)).reshape(1, seq, 1, d)
+    s = mint.cat([-sin.unsqueeze(2), sin.unsqueeze(2)], dim=-1).reshape(1, seq, 1, d)
+    return (x * c + swapped * s).astype(dtype)  # (B, L, N, D)

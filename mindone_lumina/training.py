@@ -340,7 +340,7 @@ class FlowMatchingLoss(nn.Cell):
         self.model = model
 
     def construct(self, x1, x0, t, cap_feats, cap_mask, cos, sin, gain):
-        tt = t[:, None, None, None]
+        tt = t.reshape(-1, 1, 1, 1)
         xt = tt * x1 + (1.0 - tt) * x0
         v = self.model(xt, t, cap_feats, cap_mask, cos, sin, gain)
         diff = v.astype(ms.float32) - (x1 - x0)  # the loss in fp32 whatever the compute dtype
@@ -393,6 +393,11 @@ _scale = ops.MultitypeFuncGraph("scale")
 @_scale.register("Number", "Tensor")
 def _scale_one(factor, grad):
     return grad * factor
+
+
+@_scale.register("Tensor", "Tensor")
+def _scale_by_tensor(factor, grad):
+    return grad * factor.astype(grad.dtype)
 
 
 class Trainer(nn.Cell):
@@ -510,23 +515,26 @@ class Trainer(nn.Cell):
         loss, grads = self._grads((x1, x0, t, cap_feats, cap_mask, cos, sin, gain))
         if self.accum > 1:
             grads = self.hyper_map(_add, self.grads, grads)
-        grads = self.hyper_map(ops.partial(_scale, 1.0 / self.accum), grads)
+            grads = self.hyper_map(ops.partial(_scale, 1.0 / self.accum), grads)
+        # one global norm for the log and for clipping (clip_by_global_norm would compute it again per tensor)
         grad_norm = ops.sqrt(ops.addn([ops.reduce_sum(g * g) for g in grads]))
         if self.scaled:
             finite = ms.amp.all_finite(grads)
             self.scaler.adjust(finite)
             if finite:
-                self._update(grads)
+                self._update(grads, grad_norm)
             else:
                 ops.assign_add(self.skipped, ops.ones((), ms.int32))
         else:
-            self._update(grads)
+            self._update(grads, grad_norm)
         if self.accum > 1:
             self.hyper_map(_zero, self.grads)
         return loss, grad_norm
 
-    def _update(self, grads):
-        grads = ops.clip_by_global_norm(grads, self.clip)
+    def _update(self, grads, grad_norm):
+        # clip_by_global_norm's rule: g * clip / max(norm, clip)
+        factor = self.clip / ops.maximum(grad_norm, self.clip)
+        grads = self.hyper_map(ops.partial(_scale, factor), grads)
         if self.zero is None:
             self.optimizer(grads)
         else:  # this rank's slice of each sharded gradient; the helper all-gathers the updated weights

@@ -55,6 +55,19 @@ def test_apply_rope_equals_complex_product(pynative):
     assert rel_err(ms_out, expected) < 1e-6
 
 
+def test_apply_rope_is_bitwise_the_pair_formula(mode):
+    """The whole-vector form (x * C + swap(x) * S) gives exactly re*cos - im*sin, re*sin + im*cos in fp32."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 20, 3, 8)).astype(np.float32)
+    cos, sin = rope.nextdit_rope(8, 4, 5, 2.0, 0.3, 0.7)
+    run = ms.jit(rope.apply_rope) if mode == "graph" else rope.apply_rope
+    out = run(Tensor(x), Tensor(cos), Tensor(sin)).asnumpy()
+    re, im = x[..., 0::2], x[..., 1::2]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    expected = np.stack([re * c - im * s, re * s + im * c], axis=-1).reshape(x.shape)
+    assert np.array_equal(out, expected)
+
+
 def test_apply_rope_keeps_fp16(pynative):
     x = np.random.default_rng(1).standard_normal((1, 4, 2, 8)).astype(np.float16)
     cos, sin = rope.nextdit_rope(8, 2, 2)
