@@ -183,3 +183,7 @@ def test_sample_cli_writes_pngs_with_metadata_and_latents(reference, tmp_path):
     with pytest.raises(ValueError, match="height must be a positive multiple of 16, got 24"):
         sample.main(args[:4] + ["--resolution", "32x24", "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
+    # settings that need no model fail before a model is looked for
+    for bad, message in ((["--steps", "1"], "num_steps"), (["--cfg", "-1"], "guidance scale")):
+        with pytest.raises(ValueError, match=message):
+            sample.main(["--model", str(tmp_path / "no-such-model"), "--prompt", "x", *bad])

@@ -98,10 +98,11 @@ def main(argv=None):
         shift=args.shift, guidance_scale=args.cfg, guide_all_channels=args.cfg_all_channels, scaling=args.scaling,
         smooth_rope=args.smooth_rope, scale_watershed=args.watershed, proportional_attn=not args.no_proportional_attn,
     )  # fmt: skip
+    settings.validate(1)  # steps, solver, schedule, guidance: before loading anything (sizes need the model)
     ms.set_device(args.device)
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     pipe = LuminaNextPipeline.from_pretrained(args.model, args.dtype, text_encoder=args.text_encoder, vae=args.vae)
-    settings.validate(pipe.size_multiple)  # before any work
+    settings.validate(pipe.size_multiple)  # sizes: before any sampling
     latents = None
     if args.latents:
         with np.load(args.latents) as data:
