@@ -1,0 +1,154 @@
+"""Fast recipe probe for the default model: the shapes-demo training in PyTorch, to compare recipe variants.
+
+    python benchmarks/probe_shapes_recipe.py --cache runs/shapes-demo/cache/features-*.safetensors \
+        --text-encoder data/text_encoder [--steps 1400] [--batch 32] [--lr 1e-3] [--schedule cosine] [--ema 0.998]
+        [--t-sampling uniform] [--dim 128] [--layers 5] [--eval-every 700] [--prompts 96]
+
+The project's MindSpore training step runs about 5x slower than PyTorch on this 2-core CPU (``bench_train.py``), so a
+recipe is cheaper to probe here and then trained with ``tools/train.py``. The model is diffusers'
+``LuminaNextDiT2DModel`` (the same network as ``nextdit.NextDiT``, parity-tested) initialised as ``nextdit.py``
+does (xavier linears; zero adaLN, final layer, caption projection and cross-attention gates); the data are the cached
+latents and caption features that ``tools/train.py`` wrote, the loss, AdamW, clipping, warm-up + cosine and EMA are
+``training.py``'s. Every ``--eval-every`` steps the EMA weights sample held-out prompts (midpoint, 30 grid points,
+shift 4, CFG 4, as the pipeline's defaults) and ``shapes.score`` reads them back. A probe, not a parity test: its
+numbers say which recipe learns faster, not what the MindSpore run will score.
+"""
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+from diffusers import LuminaNextDiT2DModel
+from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+from safetensors.numpy import load_file
+
+import mindspore as ms
+
+from mindone_lumina import gemma, sampling, shapes
+
+
+def build_model(args) -> LuminaNextDiT2DModel:
+    model = LuminaNextDiT2DModel(
+        sample_size=args.resolution // args.patch, patch_size=args.patch, in_channels=3, hidden_size=args.dim,
+        num_layers=args.layers, num_attention_heads=args.heads, num_kv_heads=args.kv_heads, multiple_of=64,
+        learn_sigma=False, qk_norm=True, cross_attention_dim=args.cap_dim,
+    )  # fmt: skip
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    zero = ("norm1.linear", "norm_out.linear", "caption_embedder.1", "gate")  # nextdit.py's zero-initialised parts
+    for name, param in model.named_parameters():
+        if any(part in name for part in zero):
+            torch.nn.init.zeros_(param)
+    return model
+
+
+def eval_features(text_encoder: str, prompts: list):
+    """[cond..., uncond...] caption features of ``prompts`` from the project's encoder, as the pipeline encodes."""
+    ms.set_device("CPU")
+    tokenizer, encoder = gemma.load_tokenizer(text_encoder), gemma.load_gemma(text_encoder)
+    feats, mask = gemma.encode_prompts(tokenizer, encoder, prompts, negative_prompt="")
+    return torch.from_numpy(feats.asnumpy()), torch.from_numpy(mask.asnumpy()).bool()
+
+
+@torch.no_grad()
+def sample(model, rope, feats, mask, n: int, size: int, cfg: float = 4.0) -> np.ndarray:
+    """Midpoint over the shift-4 grid with CFG on all channels (pixel space), as ``LuminaNextPipeline`` defaults."""
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((n, 3, size, size)).astype(np.float32))
+
+    def velocity(x, t):
+        out = model(torch.cat([x, x]), torch.full((2 * n,), float(t)), feats, mask, rope, cross_attention_kwargs={},
+                    return_dict=False)[0]  # fmt: skip
+        return out[n:] + cfg * (out[:n] - out[n:])
+
+    grid = sampling.time_grid(30, "shift", 4.0)
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        x = x + (t1 - t0) * velocity(x + 0.5 * (t1 - t0) * velocity(x, t0), t0 + 0.5 * (t1 - t0))
+    return np.round(np.clip((x.numpy() + 1) / 2, 0, 1).transpose(0, 2, 3, 1) * 255).astype(np.uint8)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cache", required=True, help="features-*.safetensors written by tools/train.py")
+    p.add_argument("--text-encoder", required=True)
+    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--t-sampling", default="uniform", choices=["uniform", "logit_normal"])
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=5)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--patch", type=int, default=4)
+    p.add_argument("--eval-every", type=int, default=700)
+    p.add_argument("--prompts", type=int, default=96, help="held-out prompts per evaluation")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    data = load_file(args.cache)
+    n = sum(1 for k in data if k.startswith("latent."))
+    x_all = torch.from_numpy(np.stack([data[f"latent.{i}"] for i in range(n)]))  # (N, 3, H, W)
+    caps, masks = torch.from_numpy(data["cap_feats"]), torch.from_numpy(data["cap_mask"]).bool()
+    empty, empty_mask = torch.from_numpy(data["empty_feats"]), torch.from_numpy(data["empty_mask"]).bool()
+    args.resolution, args.cap_dim = x_all.shape[-1], caps.shape[-1]
+    prompts = [shapes.caption(s) for s in shapes.heldout_scenes(args.prompts, seed=0)]
+    eval_feats, eval_mask = eval_features(args.text_encoder, prompts)
+
+    model = build_model(args).train()
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    ema = [q.detach().clone() for q in params]
+    rope = get_2d_rotary_pos_embed_lumina(args.dim // args.heads, 384, 384)
+    rng, start, losses = np.random.default_rng(0), time.perf_counter(), []
+    print(f"# {vars(args)}; {sum(q.numel() for q in params):,} parameters, {n} samples")
+    print("| step | loss (mean of last 200) | s | background | shape colour | shape class | size | position |")
+    print("|---|---|---|---|---|---|---|---|")
+    for step in range(args.steps):
+        lr = args.lr * (step + 1) / args.warmup if step < args.warmup else args.lr
+        if step >= args.warmup and args.schedule == "cosine":
+            lr = args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
+        idx = torch.from_numpy(rng.integers(0, n, args.batch))
+        x1, x0 = x_all[idx], torch.randn(args.batch, *x_all.shape[1:])
+        t = torch.sigmoid(torch.randn(args.batch)) if args.t_sampling == "logit_normal" else torch.rand(args.batch)
+        feats, mask = caps[idx].clone(), masks[idx].clone()
+        drop = torch.rand(args.batch) < args.caption_dropout
+        feats[drop], mask[drop] = empty, empty_mask
+        tt = t.reshape(-1, 1, 1, 1)
+        v = model(tt * x1 + (1 - tt) * x0, t, feats, mask, rope, cross_attention_kwargs={}, return_dict=False)[0]
+        loss = ((v - (x1 - x0)) ** 2).mean()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - args.ema)
+        losses.append(loss.item())
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            live = [q.detach().clone() for q in params]
+            with torch.no_grad():
+                for q, e in zip(params, ema):
+                    q.copy_(e)
+            images = sample(model.eval(), rope, eval_feats, eval_mask, len(prompts), args.resolution)
+            with torch.no_grad():
+                for q, w in zip(params, live):
+                    q.copy_(w)
+            model.train()
+            acc = shapes.score(prompts, list(images))
+            print(f"| {step + 1} | {np.mean(losses[-200:]):.4f} | {time.perf_counter() - start:.0f} | "
+                  + " | ".join(f"{acc[k]:.1%}" for k in ("background", "colour", "shape", "size", "position"))
+                  + " |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
