@@ -128,7 +128,7 @@ class TransformerBlock(nn.Cell):
         self.attention_y_norm = RMSNorm(cfg.cap_feat_dim, eps)
 
     def construct(self, x, cos, sin, gain, y, y_mask, c):
-        mod = mint.chunk(self.adaLN_modulation(c)[:, None], 6, dim=2)  # (B, 1, dim) x6
+        mod = mint.chunk(self.adaLN_modulation(c).unsqueeze(1), 6, dim=2)  # (B, 1, dim) x6
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         h = self.attention_norm(x) * (1 + scale_msa) + shift_msa
         x = x + gate_msa * self.attention(h, cos, sin, gain, self.attention_y_norm(y), y_mask)
@@ -146,7 +146,7 @@ class FinalLayer(nn.Cell):
         self.adaLN_modulation = nn.SequentialCell([nn.SiLU(), _zero_linear(cfg.cond_dim, 2 * cfg.dim)])
 
     def construct(self, x, c):
-        shift, scale = mint.chunk(self.adaLN_modulation(c)[:, None], 2, dim=2)  # (B, 1, dim) x2
+        shift, scale = mint.chunk(self.adaLN_modulation(c).unsqueeze(1), 2, dim=2)  # (B, 1, dim) x2
         return self.linear(self.norm_final(x) * (1 + scale) + shift)  # (B, L, p*p*C_out)
 
 
@@ -190,7 +190,7 @@ class FlagDiT(CheckedInputs, nn.Cell):
         eol = mint.broadcast_to(self.eol_token.astype(x.dtype).reshape(1, 1, 1, d), (b, gh, 1, d))
         x = mint.cat([x, eol], dim=2).reshape(b, gh * (gw + 1), d)  # (B, L, dim), L = gh (gw + 1)
 
-        mask = cap_mask.astype(ms.float32)[:, :, None]  # (B, Lc, 1)
+        mask = cap_mask.astype(ms.float32).unsqueeze(2)  # (B, Lc, 1)
         pooled = (cap_feats.astype(ms.float32) * mask).sum(axis=1) / mask.sum(axis=1)  # masked mean, (B, Dc)
         c_emb = self.t_embedder(t) + self.cap_embedder(pooled.astype(cap_feats.dtype))  # (B, cond)
         y_mask = cap_mask.astype(ms.bool_)

@@ -149,7 +149,7 @@ def _rotate(x, cos, sin):
     """HF ``apply_rotary_pos_emb``: ``x cos + rotate_half(x) sin`` with (L, D) tables, in the dtype of ``x``."""
     half = x.shape[-1] // 2
     rotated = mint.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    return x * cos.unsqueeze(1).unsqueeze(0) + rotated * sin.unsqueeze(1).unsqueeze(0)  # (1, L, 1, D) tables
 
 
 class GemmaDecoderLayer(nn.Cell):
