@@ -1,7 +1,7 @@
 """End-to-end text-to-image seconds per image: this project in MindSpore graph mode vs diffusers 0.35.2
 ``LuminaPipeline`` (PyTorch eager), same random mid-size model, same prompt, noise, Euler grid and guidance.
 
-    python benchmarks/bench_pipeline.py [--sizes 512 1024] [--steps 10]
+    python benchmarks/bench_pipeline.py [--sizes 512 1024] [--steps 10] [--denoisers shared whole]
 
 Model: Gemma-architecture encoder (hidden 2048, 4 layers, MQA, BPE vocabulary), Next-DiT hidden 768 / 12 layers /
 12 heads / 4 kv heads, the full SDXL-VAE. Batch 1 with CFG (the denoiser sees batch 2). The parent process builds and
@@ -9,6 +9,8 @@ saves the random pipeline once; every (framework, size) then runs in its own pro
 framework's models and graphs never share the 24 GiB with the other's and peak RSS is that run's own. MindSpore
 reports the graph compile time separately (a 2-point warm-up run per size) and both report the share of text
 encoding, denoising and decoding. The final latents of the two runs are compared as a sanity check.
+MindSpore's denoiser is the pipeline's CPU default, one block graph shared by the layers (``shared``), and with
+``--denoisers shared whole`` also the whole-model graph (``whole``, ``shared_block=False``).
 """
 
 import argparse
@@ -114,7 +116,7 @@ def torch_worker(folder: str, size: int, steps: int) -> dict:
     return {"seconds": seconds, "stages": totals, "latents": latents.float().numpy().ravel()[:4096].tolist()}
 
 
-def mindspore_worker(folder: str, size: int, steps: int) -> dict:
+def mindspore_worker(folder: str, size: int, steps: int, denoiser: str = "shared") -> dict:
     import mindspore as ms
 
     from mindone_lumina.pipeline import LuminaNextPipeline, SampleSettings
@@ -122,6 +124,7 @@ def mindspore_worker(folder: str, size: int, steps: int) -> dict:
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
     ours = LuminaNextPipeline.from_pretrained(os.path.join(folder, "pipe"))
+    ours.shared_block = denoiser == "shared"
     grid, noise = euler_grid(steps), noise_for(size)
     settings = SampleSettings(height=size, width=size, solver="euler", scaling="always", scale_watershed=1.0)
     start = time.perf_counter()  # warm-up: compiles the text encoder, denoiser and decoder graphs at this size
@@ -140,8 +143,9 @@ def mindspore_worker(folder: str, size: int, steps: int) -> dict:
     }
 
 
-def run_worker(kind: str, folder: str, size: int, steps: int) -> dict:
+def run_worker(kind: str, folder: str, size: int, steps: int, denoiser: str = "shared") -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--folder", folder, "--sizes", str(size), "--steps", str(steps)]
+    cmd += ["--denoisers", denoiser]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -158,12 +162,15 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--steps", type=int, default=10, help="Euler steps (diffusers num_inference_steps)")
+    p.add_argument("--denoisers", nargs="+", default=["shared"], choices=["shared", "whole"])
     p.add_argument("--worker", choices=["torch", "mindspore"], help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        run = torch_worker if args.worker == "torch" else mindspore_worker
-        result = run(args.folder, args.sizes[0], args.steps)
+        if args.worker == "torch":
+            result = torch_worker(args.folder, args.sizes[0], args.steps)
+        else:
+            result = mindspore_worker(args.folder, args.sizes[0], args.steps, args.denoisers[0])
         result["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(json.dumps(result))
         return
@@ -174,27 +181,32 @@ def main():
     print(f"# torch {torch.__version__} ({torch.get_num_threads()} threads), mindspore {ms.__version__}, "
           f"{args.steps} Euler steps, CFG 4.0, batch 1, one process per row and framework")  # fmt: skip
     print(
-        "| size | diffusers s/image | MS graph s/image | MS/diffusers | MS compile s | diffusers text/denoise/decode "
-        "| MS text/denoise/decode | peak RSS GiB diffusers / MS | latents rel. diff |"
+        "| size | MS denoiser | diffusers s/image | MS graph s/image | MS/diffusers | MS compile s "
+        "| diffusers text/denoise/decode | MS text/denoise/decode | peak RSS GiB diffusers / MS | latents rel. diff |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         build_reference(folder)
         for size in args.sizes:
             ref = run_worker("torch", folder, size, args.steps)
-            ours = run_worker("mindspore", folder, size, args.steps)
-            failed = [f"{k}: {r['error']}" for k, r in (("diffusers", ref), ("mindspore", ours)) if "error" in r]
-            if failed:
-                print(f"| {size}² | " + "; ".join(failed) + " |", flush=True)
-                continue
-            a, b = np.array(ours["latents"]), np.array(ref["latents"])
-            rel = float(np.abs(a - b).max() / np.abs(b).max())
-            print(
-                f"| {size}² | {ref['seconds']:.1f} | {ours['seconds']:.1f} | {ours['seconds'] / ref['seconds']:.2f} "
-                f"| {ours['compile']:.1f} | {shares(ref['stages'])} | {shares(ours['stages'])} "
-                f"| {ref['peak_gib']:.1f} / {ours['peak_gib']:.1f} | {rel:.1e} |",
-                flush=True,
-            )
+            for denoiser in args.denoisers:
+                report(size, denoiser, ref, run_worker("mindspore", folder, size, args.steps, denoiser))
+
+
+def report(size: int, denoiser: str, ref: dict, ours: dict) -> None:
+    failed = [f"{k}: {r['error']}" for k, r in (("diffusers", ref), ("mindspore", ours)) if "error" in r]
+    if failed:
+        print(f"| {size}² | {denoiser} | " + "; ".join(failed) + " |", flush=True)
+        return
+    a, b = np.array(ours["latents"]), np.array(ref["latents"])
+    rel = float(np.abs(a - b).max() / np.abs(b).max())
+    print(
+        f"| {size}² | {denoiser} | {ref['seconds']:.1f} | {ours['seconds']:.1f} "
+        f"| {ours['seconds'] / ref['seconds']:.2f} | {ours['compile']:.1f} "
+        f"| {shares(ref['stages'])} | {shares(ours['stages'])} "
+        f"| {ref['peak_gib']:.1f} / {ours['peak_gib']:.1f} | {rel:.1e} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Lumina-T2I (Flag-DiT + LLaMA-2, ``flagdit.py`` / ``llama.py``) runs through the 
 share the ``construct`` contract, and the few family differences (prompt encoding, RoPE scaling) are chosen here by
 the type of the transformer and of the text encoder.
 
-Time convention and step counting are those of ``sampling.py``. The denoiser is one graph per resolution: every
-model call of every step and every ``__call__`` at that size reuses it (RoPE tables and timesteps are inputs).
+Time convention and step counting are those of ``sampling.py``. The denoiser is compiled once per resolution: every
+model call of every step and every ``__call__`` at that size reuses it (RoPE tables and timesteps are inputs). On CPU
+graph mode that is one block graph the layers take turns in (``shared_block``), elsewhere one whole-model graph.
 """
 
 import dataclasses
@@ -88,9 +89,21 @@ class LuminaNextPipeline:
         train_size: pixels per side of the training area (1024 for Lumina-Next); the default output size and the
             reference for RoPE extrapolation and proportional attention.
         vae_tiling: decode in tiles (``vae.Tiling``) to bound memory; default: tiles beyond 512x512 pixels.
+        shared_block: run a Next-DiT through one compiled block graph (``nextdit.SharedBlockNextDiT``; same numbers,
+            the graph memory of one block). Default: in graph mode without the fused kernels (CPU), where the
+            whole-model graph's memory grows with depth; False: always the whole-model graph.
     """
 
-    def __init__(self, transformer, text_encoder, tokenizer, vae=None, train_size: int = 1024, vae_tiling=None):
+    def __init__(
+        self,
+        transformer,
+        text_encoder,
+        tokenizer,
+        vae=None,
+        train_size: int = 1024,
+        vae_tiling=None,
+        shared_block: bool | None = None,
+    ):
         if text_encoder.cfg.hidden_size != transformer.cfg.cap_feat_dim:
             raise ValueError(
                 f"text encoder width {text_encoder.cfg.hidden_size} != transformer cap_feat_dim "
@@ -101,6 +114,7 @@ class LuminaNextPipeline:
         self.transformer, self.text_encoder, self.tokenizer, self.vae = transformer, text_encoder, tokenizer, vae
         self.train_size = train_size
         self.vae_tiling = vae_tiling
+        self.shared_block, self._shared = shared_block, None
 
     @property
     def downsample(self) -> int:
@@ -204,7 +218,7 @@ class LuminaNextPipeline:
         """``model_fn(x2, t) -> v2`` for ``sampling.cfg_velocity``; RoPE tables follow the time-aware switch at t."""
         if isinstance(self.transformer, flagdit.FlagDiT):
             return self._flagdit_model_fn(cap_feats, cap_mask, height, width, settings)
-        cfg, model = self.transformer.cfg, self.transformer
+        cfg, model = self.transformer.cfg, self.denoiser()
         h, w = height // self.downsample, width // self.downsample
         if settings.scaling == "off":
             scaling = nextdit.RopeScaling(base_seqlen=self._base_seqlen() if settings.proportional_attn else None)
@@ -236,6 +250,15 @@ class LuminaNextPipeline:
             return model(x2, Tensor(np.full((x2.shape[0],), t, np.float32)), cap_feats, cap_mask, cos, sin, gain)
 
         return model_fn
+
+    def denoiser(self):
+        """The Next-DiT, or the shared-block runner over it (see ``shared_block``), built once."""
+        auto = not backend.use_fused_kernels() and ms.get_context("mode") == ms.GRAPH_MODE
+        if not (self.shared_block or (self.shared_block is None and auto)):
+            return self.transformer
+        if self._shared is None:
+            self._shared = nextdit.SharedBlockNextDiT(self.transformer)
+        return self._shared
 
     def _base_seqlen(self) -> int:
         """Image tokens at the training area: (1024 / 16)^2 = 4096 for Lumina-Next."""

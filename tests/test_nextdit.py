@@ -236,6 +236,24 @@ def test_graph_compiles_once_per_resolution(original):
     assert len(fresh.compile_cache) == 2
 
 
+def test_shared_block_runner_is_bitwise_the_model(original, mode):
+    """One block graph with each layer's weights bound in turn: exactly the whole-model output (with RoPE scaling
+    and proportional attention), one block compilation for all layers and calls, inputs checked as the model's."""
+    model, io, s = original
+    shared = nextdit.SharedBlockNextDiT(model)
+    scaling = nextdit.RopeScaling(s["scale_factor"], s["scale_watershed"], base_seqlen=s["base_seqlen"])
+    args = _tensors(io["x"], io["cfg_ntk_t"], io["cap_feats"], io["cap_mask"])
+    for _ in range(2):
+        np.testing.assert_array_equal(
+            nextdit.forward(shared, *args, scaling).asnumpy(), nextdit.forward(model, *args, scaling).asnumpy()
+        )
+    assert model.cfg.n_layers > 1
+    if mode == "graph":
+        assert len(shared.block.compile_cache) == 1
+    with pytest.raises(ValueError, match="t must have shape"):
+        nextdit.forward(shared, args[0], Tensor(np.zeros(5, np.float32)), *args[2:])
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -14,6 +14,7 @@ from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 import mindspore as ms
 
 from mindone_lumina import sampling
+from mindone_lumina.nextdit import SharedBlockNextDiT
 from mindone_lumina.pipeline import LuminaNextPipeline, SampleSettings
 
 LATENT_BUDGET, PIXEL_BUDGET = 1e-4, 1.0 / 255
@@ -156,12 +157,27 @@ def test_offline_hub_id_says_what_to_download(monkeypatch):
 
 
 def test_graph_mode_compiles_the_denoiser_once_per_resolution(ours):
+    """On CPU graph mode the denoiser is the shared-block runner: its one block graph serves every layer."""
     ms.set_context(mode=ms.GRAPH_MODE)
-    before = len(ours.transformer.compile_cache)
+    denoiser = ours.denoiser()
+    assert isinstance(denoiser, SharedBlockNextDiT)
+    before = len(denoiser.block.compile_cache)
     settings = SampleSettings(height=48, width=32, num_steps=4)
     ours(PROMPTS[:1], settings=settings, progress=False)
     ours(PROMPTS[:1], seed=1, settings=settings, progress=False)
-    assert len(ours.transformer.compile_cache) == before + 1
+    assert len(denoiser.block.compile_cache) == before + 1
+    assert len(ours.transformer.compile_cache) == 0  # the whole-model graph is never built
+
+
+def test_shared_block_and_whole_model_graph_give_the_same_latents(ours):
+    ms.set_context(mode=ms.GRAPH_MODE)
+    whole = LuminaNextPipeline(ours.transformer, ours.text_encoder, ours.tokenizer, ours.vae, ours.train_size,
+                               shared_block=False)  # fmt: skip
+    assert whole.denoiser() is ours.transformer
+    settings = SampleSettings(height=HEIGHT, width=WIDTH, num_steps=4)
+    a = ours(PROMPTS, latents=_noise(), settings=settings, progress=False).latents
+    b = whole(PROMPTS, latents=_noise(), settings=settings, progress=False).latents
+    np.testing.assert_array_equal(a, b)
 
 
 def test_sample_cli_writes_pngs_with_metadata_and_latents(reference, tmp_path):
