@@ -3,8 +3,9 @@
     python benchmarks/eval_shapes.py [--model DIR] [--num 200] [--table --table-num 48] [--table]
 
 Prompts are captions of ``shapes.heldout_scenes`` (combinations never seen in training); the deterministic detector
-(``shapes.detect``) reads background colour, shape colour and shape class back from each generated image. Without
-``--table`` it scores the default settings; ``--table`` sweeps steps x solver x schedule and reports seconds/image.
+(``shapes.detect``) reads background colour, shape colour, shape class, size and position back from each generated
+image. Without ``--table`` it scores the default settings; ``--table`` sweeps steps x solver x schedule and reports
+seconds/image.
 """
 
 import argparse
@@ -68,8 +69,10 @@ def main():
     prompts = [shapes.caption(s) for s in shapes.heldout_scenes(args.num, seed=args.seed)]
     evaluate(pipe, prompts[:24], SampleSettings(num_steps=2))  # compile outside the timings
     print(f"# {args.num} held-out prompts, seed {args.seed}, MindSpore {ms.__version__} graph mode, CPU")
-    print("| steps | solver | schedule | prompts | background | shape colour | shape class | s/image |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| steps | solver | schedule | prompts | background | shape colour | shape class | size | position | s/image |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     grid = [(30, "midpoint", "shift")]  # the default settings
     if args.table:
         grid += [
@@ -83,8 +86,8 @@ def main():
         acc, sec, images = evaluate(pipe, cell, SampleSettings(num_steps=steps, solver=solver, schedule=schedule))
         if args.sheet and (steps, solver, schedule) == grid[0]:
             contact_sheet(prompts[:24], images[:24], args.sheet)
-        print(f"| {steps} | {solver} | {schedule} | {len(cell)} | {acc['background']:.1%} | {acc['colour']:.1%} "
-              f"| {acc['shape']:.1%} | {sec:.3f} |", flush=True)  # fmt: skip
+        scores = " | ".join(f"{acc[k]:.1%}" for k in ("background", "colour", "shape", "size", "position"))
+        print(f"| {steps} | {solver} | {schedule} | {len(cell)} | {scores} | {sec:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
