@@ -356,24 +356,6 @@ class NextDiT(CheckedInputs, nn.Cell):
         return self.unembed(x, c_emb, h, w)
 
 
-class _Embed(nn.Cell):
-    def __init__(self, model: NextDiT):
-        super().__init__()
-        self.model = model
-
-    def construct(self, x, t, cap_feats, cap_mask):
-        return self.model.embed(x, t, cap_feats, cap_mask)
-
-
-class _Unembed(nn.Cell):
-    def __init__(self, model: NextDiT, height: int, width: int):
-        super().__init__()
-        self.model, self.height, self.width = model, height, width
-
-    def construct(self, x, c_emb):
-        return self.model.unembed(x, c_emb, self.height, self.width)
-
-
 class SharedBlockNextDiT:
     """``NextDiT`` inference with one compiled block graph that every layer runs through in turn.
 
@@ -390,10 +372,18 @@ class SharedBlockNextDiT:
         self._slots = list(self.block.get_parameters())
         self._weights = [list(layer.get_parameters()) for layer in model.layers]
         assert all([a.shape for a in self._slots] == [b.shape for b in w] for w in self._weights)
-        self._embed, self._unembed = _Embed(model), {}
 
     def token_count(self, height: int, width: int) -> int:
         return self.model.token_count(height, width)
+
+    # jit methods, not wrapper Cells: a Cell holding the model as a child would rename its parameters ("model.*")
+    @ms.jit
+    def _embed(self, x, t, cap_feats, cap_mask):
+        return self.model.embed(x, t, cap_feats, cap_mask)
+
+    @ms.jit
+    def _unembed(self, x, c_emb, height: int, width: int):  # ints are constants: one small graph per size
+        return self.model.unembed(x, c_emb, height, width)
 
     def __call__(self, x, t, cap_feats, cap_mask, rope_cos, rope_sin, attn_gain):
         self.model.check_inputs(x, t, cap_feats, cap_mask, rope_cos, rope_sin)
@@ -403,9 +393,7 @@ class SharedBlockNextDiT:
             for slot, weight in zip(self._slots, weights):
                 slot.set_data(weight)
             x = self.block(x, rope_cos, rope_sin, attn_gain, cap_feats, y_mask, c_emb)
-        if (h, w) not in self._unembed:  # the unpatchify reshape is static: one small graph per size
-            self._unembed[(h, w)] = _Unembed(self.model, h, w)
-        return self._unembed[(h, w)](x, c_emb)
+        return self._unembed(x, c_emb, h, w)
 
 
 def _normal(std: float):

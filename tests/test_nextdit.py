@@ -240,6 +240,7 @@ def test_shared_block_runner_is_bitwise_the_model(original, mode):
     """One block graph with each layer's weights bound in turn: exactly the whole-model output (with RoPE scaling
     and proportional attention), one block compilation for all layers and calls, inputs checked as the model's."""
     model, io, s = original
+    names = [p.name for p in model.get_parameters()]
     shared = nextdit.SharedBlockNextDiT(model)
     scaling = nextdit.RopeScaling(s["scale_factor"], s["scale_watershed"], base_seqlen=s["base_seqlen"])
     args = _tensors(io["x"], io["cfg_ntk_t"], io["cap_feats"], io["cap_mask"])
@@ -252,6 +253,7 @@ def test_shared_block_runner_is_bitwise_the_model(original, mode):
         assert len(shared.block.compile_cache) == 1
     with pytest.raises(ValueError, match="t must have shape"):
         nextdit.forward(shared, args[0], Tensor(np.zeros(5, np.float32)), *args[2:])
+    assert [p.name for p in model.get_parameters()] == names  # the runner leaves the model's parameter names alone
 
 
 @pytest.mark.parametrize(
