@@ -332,6 +332,7 @@ def train_tokenizer(texts, vocab_size: int):
         vocab_size=vocab_size,
         special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its bars go to stdout, into the tables of the scripts that build tokenizers
     )
     bpe.train_from_iterator(texts, trainer)
     tokenizer = GemmaTokenizerFast(
