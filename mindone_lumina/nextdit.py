@@ -368,13 +368,11 @@ class SharedBlockNextDiT:
 
     def __init__(self, model: NextDiT):
         self.model, self.cfg = model, model.cfg
+        # in the model's dtype: set_data of another dtype would cast (copy) instead of aliasing
         self.block = cast_parameters(TransformerBlock(model.cfg), next(iter(model.get_parameters())).dtype)
         self._slots = list(self.block.get_parameters())
         self._weights = [list(layer.get_parameters()) for layer in model.layers]
         assert all([a.shape for a in self._slots] == [b.shape for b in w] for w in self._weights)
-
-    def token_count(self, height: int, width: int) -> int:
-        return self.model.token_count(height, width)
 
     # jit methods, not wrapper Cells: a Cell holding the model as a child would rename its parameters ("model.*")
     @ms.jit
