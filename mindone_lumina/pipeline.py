@@ -309,7 +309,8 @@ class LuminaNextPipeline:
         encoder = gemma.load_gemma(enc_dir, dtype)
         tokenizer = gemma.load_tokenizer(tok_dir or os.path.join(folder, "tokenizer"))
         decoder = vae_lib.load_vae(vae or os.path.join(folder, "vae")) if has_vae else None  # the VAE stays fp32
-        train_size = index.get("train_size", transformer.cfg.patch_size * _sample_size(folder) * (8 if has_vae else 1))
+        factor = 1 if decoder is None else decoder.cfg.downsample_factor
+        train_size = index.get("train_size", transformer.cfg.patch_size * _sample_size(folder) * factor)
         return cls(transformer, encoder, tokenizer, decoder, train_size=train_size)
 
     @classmethod

@@ -740,7 +740,7 @@ def export_pipeline(cfg: TrainConfig, trainer: Trainer, folder: str, use_ema: bo
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
     os.makedirs(os.path.join(tmp, "transformer"))
-    factor = 1 if cfg.vae is None else 8
+    factor = 1 if cfg.vae is None else vae_lib.load_config(cfg.vae).downsample_factor
     conf = {**diffusers_config(model.cfg), "sample_size": cfg.resolution // factor}
     with open(os.path.join(tmp, "transformer", "config.json"), "w") as f:
         json.dump(conf, f, indent=1)

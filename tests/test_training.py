@@ -12,7 +12,9 @@ from PIL import Image
 
 import mindspore as ms
 
-from mindone_lumina import training
+from mindone_lumina import mindone_adapters, training
+from mindone_lumina import vae as vae_lib
+from mindone_lumina.pipeline import LuminaNextPipeline, SampleSettings
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "multiple_of": 16, "cap_feat_dim": 32, "in_channels": 3,
         "patch_size": 2, "qk_norm": True}  # fmt: skip
@@ -213,3 +215,25 @@ def test_msrun_data_parallel_matches_single_process(tmp_path, data_and_encoder, 
 def test_shipped_recipes_parse(name):
     cfg = training.TrainConfig.from_yaml(os.path.join(os.path.dirname(__file__), os.pardir, "configs", name))
     assert training.buckets(cfg.resolution, cfg.aspect_ratios, cfg.bucket_multiple)
+
+
+@pytest.mark.parametrize("vae_blocks", [None, (8, 16)], ids=["pixels", "vae-2x"])
+def test_exported_pipeline_reloads_and_generates_at_the_training_size(tmp_path, data_and_encoder, vae_blocks):
+    """export_pipeline writes the latent side the VAE gives (2x here, not the SDXL 8x), and the pipeline reads the
+    training size back from it."""
+    kw = {"steps": 4, "save_every": 4}
+    if vae_blocks:
+        cfg = vae_lib.VAEConfig(block_out_channels=vae_blocks, layers_per_block=1, norm_num_groups=8, sample_size=16)
+        mindone_adapters.save_vae(vae_lib.AutoencoderKL(cfg), str(tmp_path / "vae"))
+        kw |= {"vae": str(tmp_path / "vae"), "model": {**TINY, "in_channels": 4}}
+    cfg = training.TrainConfig.from_yaml(recipe(tmp_path, data_and_encoder, **kw))
+    trainer = training.train(cfg, log=lambda line: None)
+    folder = str(tmp_path / "export")
+    training.export_pipeline(cfg, trainer, folder)
+    with open(os.path.join(folder, "transformer", "config.json")) as f:
+        assert json.load(f)["sample_size"] == (8 if vae_blocks else 16)  # latent side at 16 px
+    pipe = LuminaNextPipeline.from_pretrained(folder)
+    assert pipe.train_size == 16 and pipe.downsample == (2 if vae_blocks else 1)
+    out = pipe(["a red square"], seed=0, settings=SampleSettings(num_steps=3, guidance_scale=1.0), progress=False)
+    assert out.images[0].size == (16, 16)
+    assert np.isfinite(np.asarray(out.images[0], np.float32)).all()
