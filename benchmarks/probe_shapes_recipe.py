@@ -3,6 +3,7 @@
     python benchmarks/probe_shapes_recipe.py --cache runs/shapes-demo/cache/features-*.safetensors \
         --text-encoder data/text_encoder [--steps 1400] [--batch 32] [--lr 1e-3] [--schedule cosine] [--ema 0.998]
         [--t-sampling uniform] [--dim 128] [--layers 5] [--eval-every 700] [--prompts 96]
+        [--latent [--vae-steps 1500] [--latent-channels 4] [--vae-out vae.pt]]
 
 The project's MindSpore training step runs about 5x slower than PyTorch on this 2-core CPU (``bench_train.py``), so a
 recipe is cheaper to probe here and then trained with ``tools/train.py``. The model is diffusers'
@@ -12,15 +13,21 @@ latents and caption features that ``tools/train.py`` wrote, the loss, AdamW, cli
 ``training.py``'s. Every ``--eval-every`` steps the EMA weights sample held-out prompts (midpoint, 30 grid points,
 shift 4, CFG 4, as the pipeline's defaults) and ``shapes.score`` reads them back. A probe, not a parity test: its
 numbers say which recipe learns faster, not what the MindSpore run will score.
+
+``--latent`` probes a latent-space model instead: a small diffusers ``AutoencoderKL`` (channels 32/64/64, one resnet
+per block, 4 latent channels, 8x8 latents for 32 px) is first trained on the cached images (MSE plus a light KL term,
+batch 32, AdamW 1e-3), the images are encoded to its posterior means scaled to unit variance, and the Next-DiT works on
+those with patch 1 (the same 64 tokens as pixels with patch 4); samples are decoded before they are scored.
 """
 
 import argparse
 import math
+import os
 import time
 
 import numpy as np
 import torch
-from diffusers import LuminaNextDiT2DModel
+from diffusers import AutoencoderKL, LuminaNextDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 from safetensors.numpy import load_file
 
@@ -31,7 +38,8 @@ from mindone_lumina import gemma, sampling, shapes
 
 def build_model(args) -> LuminaNextDiT2DModel:
     model = LuminaNextDiT2DModel(
-        sample_size=args.resolution // args.patch, patch_size=args.patch, in_channels=3, hidden_size=args.dim,
+        sample_size=args.resolution // args.patch, patch_size=args.patch, in_channels=args.in_channels,
+        hidden_size=args.dim,
         num_layers=args.layers, num_attention_heads=args.heads, num_kv_heads=args.kv_heads, multiple_of=64,
         learn_sigma=False, qk_norm=True, cross_attention_dim=args.cap_dim,
     )  # fmt: skip
@@ -55,10 +63,40 @@ def eval_features(text_encoder: str, prompts: list):
     return torch.from_numpy(feats.asnumpy()), torch.from_numpy(mask.asnumpy()).bool()
 
 
+def train_vae(images: torch.Tensor, steps: int, channels: int, kl: float = 1e-4) -> AutoencoderKL:
+    """A small ``AutoencoderKL`` fitted to ``images`` (N, 3, H, W) in [-1, 1]; two downsamples, so H/4 latents."""
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
+        latent_channels=channels, norm_num_groups=32, sample_size=images.shape[-1],
+    )  # fmt: skip
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    rng, start = np.random.default_rng(1), time.time()
+    for step in range(steps):
+        x = images[torch.from_numpy(rng.integers(0, len(images), 32))]
+        posterior = vae.encode(x).latent_dist
+        mse = ((vae.decode(posterior.sample()).sample - x) ** 2).mean()
+        loss = mse + kl * posterior.kl().mean() / x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 500 == 0:
+            print(f"# VAE step {step + 1}: MSE {mse.item():.4f}, {time.time() - start:.0f} s", flush=True)
+    return vae.eval()
+
+
 @torch.no_grad()
-def sample(model, rope, feats, mask, n: int, size: int, cfg: float = 4.0) -> np.ndarray:
-    """Midpoint over the shift-4 grid with CFG on all channels (pixel space), as ``LuminaNextPipeline`` defaults."""
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((n, 3, size, size)).astype(np.float32))
+def encode(vae: AutoencoderKL, images: torch.Tensor) -> tuple:
+    """Posterior means of ``images`` scaled to unit variance, and that scale."""
+    z = torch.cat([vae.encode(images[i : i + 500]).latent_dist.mode() for i in range(0, len(images), 500)])
+    scale = float(z.std())
+    return z / scale, scale
+
+
+@torch.no_grad()
+def sample(model, rope, feats, mask, n: int, size: int, cfg: float = 4.0, channels: int = 3) -> torch.Tensor:
+    """Midpoint over the shift-4 grid with CFG on all channels, as ``LuminaNextPipeline`` defaults; (n, C, H, W)."""
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((n, channels, size, size)).astype(np.float32))
 
     def velocity(x, t):
         out = model(torch.cat([x, x]), torch.full((2 * n,), float(t)), feats, mask, rope, cross_attention_kwargs={},
@@ -68,6 +106,10 @@ def sample(model, rope, feats, mask, n: int, size: int, cfg: float = 4.0) -> np.
     grid = sampling.time_grid(30, "shift", 4.0)
     for t0, t1 in zip(grid[:-1], grid[1:]):
         x = x + (t1 - t0) * velocity(x + 0.5 * (t1 - t0) * velocity(x, t0), t0 + 0.5 * (t1 - t0))
+    return x
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
     return np.round(np.clip((x.numpy() + 1) / 2, 0, 1).transpose(0, 2, 3, 1) * 255).astype(np.uint8)
 
 
@@ -91,6 +133,10 @@ def main():
     p.add_argument("--eval-every", type=int, default=700)
     p.add_argument("--prompts", type=int, default=96, help="held-out prompts per evaluation")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--latent", action="store_true", help="train a small VAE first and the Next-DiT on its latents")
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--latent-channels", type=int, default=4)
+    p.add_argument("--vae-out", default=None, help="save the probe's VAE here (torch state dict), or reuse it")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -99,7 +145,18 @@ def main():
     x_all = torch.from_numpy(np.stack([data[f"latent.{i}"] for i in range(n)]))  # (N, 3, H, W)
     caps, masks = torch.from_numpy(data["cap_feats"]), torch.from_numpy(data["cap_mask"]).bool()
     empty, empty_mask = torch.from_numpy(data["empty_feats"]), torch.from_numpy(data["empty_mask"]).bool()
-    args.resolution, args.cap_dim = x_all.shape[-1], caps.shape[-1]
+    vae, scale = None, 1.0
+    if args.latent:
+        if args.vae_out and os.path.exists(args.vae_out):
+            vae = train_vae(x_all, 0, args.latent_channels)
+            vae.load_state_dict(torch.load(args.vae_out))
+        else:
+            vae = train_vae(x_all, args.vae_steps, args.latent_channels)
+            if args.vae_out:
+                torch.save(vae.state_dict(), args.vae_out)
+        x_all, scale = encode(vae, x_all)
+        args.patch = 1
+    args.resolution, args.cap_dim, args.in_channels = x_all.shape[-1], caps.shape[-1], x_all.shape[1]
     prompts = [shapes.caption(s) for s in shapes.heldout_scenes(args.prompts, seed=0)]
     eval_feats, eval_mask = eval_features(args.text_encoder, prompts)
 
@@ -139,7 +196,9 @@ def main():
             with torch.no_grad():
                 for q, e in zip(params, ema):
                     q.copy_(e)
-            images = sample(model.eval(), rope, eval_feats, eval_mask, len(prompts), args.resolution)
+            x = sample(model.eval(), rope, eval_feats, eval_mask, len(prompts), args.resolution, 4.0, args.in_channels)
+            with torch.no_grad():
+                images = to_uint8(x if vae is None else vae.decode(x * scale).sample)
             with torch.no_grad():
                 for q, w in zip(params, live):
                     q.copy_(w)
