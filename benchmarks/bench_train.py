@@ -54,7 +54,7 @@ def project_step(precision: str, size: int, tokens: int):
     model = nextdit.NextDiT(nextdit.resolve_config(CONFIG))
     load_state_dict(model, random_state(model))
     cfg = training.TrainConfig(data="-", output="-", lr=LR, grad_clip=CLIP, ema_decay=EMA, precision=precision)
-    trainer = training.Trainer(model, cfg)
+    trainer = training.Trainer(training.FlowMatchingLoss(model), cfg)
     x1, x0, t, cap, mask = batch(size, tokens)
     side = x1.shape[2]
     args = (*map(Tensor, (x1, x0, t, cap, mask)), *nextdit.rope_inputs(model.cfg, side, side, 1.0))

@@ -36,20 +36,16 @@ from .loading import compare_shapes, load_state_dict
 PRECISIONS = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """A training recipe; ``configs/*.yaml`` map onto these fields one to one (unknown keys are an error)."""
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """What every training recipe has: images, the optimiser, the loop. ``configs/*.yaml`` map onto the fields of a
+    subclass one to one (unknown keys are an error)."""
 
     data: str  # folder with images and captions.jsonl ({"image": relpath, "caption": str} per line)
-    output: str  # run folder: checkpoints/, cache/, the exported pipeline
-    model: dict | str = "nextdit-2b-gqa"  # a Next-DiT preset or constructor arguments
-    text_encoder: str = ""  # Hugging Face Gemma folder (config, safetensors, tokenizer files)
-    vae: str | None = None  # diffusers vae/ folder; None trains in pixel space (images in [-1, 1])
+    output: str  # run folder: checkpoints/, cache/, exports
     resolution: int = 1024  # pixels per side of the target area; buckets keep about resolution^2 pixels
     aspect_ratios: tuple = (1.0,)  # width / height of the buckets
     bucket_multiple: int = 16
-    caption_dropout: float = 0.1  # to the empty prompt, for classifier-free guidance
-    max_caption_tokens: int = 256
     batch_size: int = 8
     grad_accum: int = 1
     steps: int = 1000
@@ -59,20 +55,20 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    t_sampling: str = "uniform"  # or "logit_normal"
-    recompute: bool = False
     seed: int = 0
     save_every: int = 500
     log_every: int = 50
-    init: str | None = None  # a Next-DiT checkpoint in any format the converter reads
     mode: str = "graph"
     precision: str = "fp32"  # compute dtype: fp32, fp16 (CPU and Ascend) or bf16 (Ascend); weights stay fp32
     loss_scale: float = 4096.0  # initial dynamic loss scale for fp16 (halved on overflow, doubled after 1000 steps)
     zero_stage: int = 0  # 1: AdamW state sharded across the data-parallel ranks (mindone ZeRO stage 1)
 
     def __post_init__(self):
+        object.__setattr__(self, "aspect_ratios", tuple(self.aspect_ratios))
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.mode not in ("graph", "pynative"):
+            raise ValueError(f"mode must be graph or pynative, got {self.mode!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.precision != "fp32" and self.mode != "graph":
@@ -81,32 +77,55 @@ class TrainConfig:
         if self.zero_stage not in (0, 1):
             # stages 2-3 shard gradients with ReduceScatter, which MindSpore 2.10 lacks on CPU: they could not be tested
             raise ValueError(f"zero_stage must be 0 or 1 (stages 2 and 3 are not implemented), got {self.zero_stage}")
-        if self.t_sampling not in ("uniform", "logit_normal"):
-            raise ValueError(f"t_sampling must be uniform or logit_normal, got {self.t_sampling!r}")
-        if not 0.0 <= self.caption_dropout < 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         for name in ("batch_size", "grad_accum", "steps", "save_every", "log_every", "resolution"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
-    def from_yaml(cls, path: str, **overrides) -> "TrainConfig":
+    def from_yaml(cls, path: str, **overrides):
+        """The recipe in the YAML file ``path``; ``overrides`` that are not None replace its keys."""
         try:
             with open(path) as f:
                 raw = yaml.safe_load(f) or {}
         except (OSError, yaml.YAMLError) as e:
             raise ValueError(f"cannot read recipe {path}: {e}") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a recipe is a mapping of keys to values, got {type(raw).__name__}")
         raw.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(raw) - {f.name for f in fields})
         if unknown:
-            raise ValueError(f"{path}: unknown recipe key(s) {unknown}; known keys: {sorted(known)}")
-        if "aspect_ratios" in raw:
-            raw["aspect_ratios"] = tuple(raw["aspect_ratios"])
+            raise ValueError(f"{path}: unknown recipe key(s) {unknown}; known keys: {sorted(f.name for f in fields)}")
+        missing = [f.name for f in fields if f.name not in raw and f.default is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"{path}: the recipe needs key(s) {missing}")
         return cls(**raw)
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(Recipe):
+    """A Next-DiT flow-matching recipe (``tools/train.py``)."""
+
+    model: dict | str = "nextdit-2b-gqa"  # a Next-DiT preset or constructor arguments
+    text_encoder: str = ""  # Hugging Face Gemma folder (config, safetensors, tokenizer files)
+    vae: str | None = None  # diffusers vae/ folder; None trains in pixel space (images in [-1, 1])
+    caption_dropout: float = 0.1  # to the empty prompt, for classifier-free guidance
+    max_caption_tokens: int = 256
+    t_sampling: str = "uniform"  # or "logit_normal"
+    recompute: bool = False
+    init: str | None = None  # a Next-DiT checkpoint in any format the converter reads
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.t_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"t_sampling must be uniform or logit_normal, got {self.t_sampling!r}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+
+def lr_at(cfg: Recipe, step: int) -> float:
     """Linear warm-up, then constant or cosine decay to 0 at ``cfg.steps``."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -196,9 +215,7 @@ class Dataset:
     skipped: dict = field(default_factory=dict)  # reason -> count
 
     def __post_init__(self):
-        # sample indices per bucket shape, computed once: batch_indices runs every step
-        shapes = sorted({z.shape for z in self.latents})
-        self.groups = [np.array([i for i, z in enumerate(self.latents) if z.shape == s]) for s in shapes]
+        self.groups = bucket_groups([z.shape for z in self.latents])  # once: batch_indices runs every step
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, encoder, vae=None, log=print) -> Dataset:
@@ -290,14 +307,20 @@ def _dataset_from_arrays(arrays: dict, skipped=None) -> Dataset:
     )
 
 
-def batch_indices(ds: Dataset, cfg: TrainConfig, step: int, rank: int = 0, world: int = 1) -> np.ndarray:
+def bucket_groups(shapes: list) -> list:
+    """Sample indices per distinct shape in ``shapes`` (one array per bucket, in sorted shape order)."""
+    return [np.array([i for i, s in enumerate(shapes) if s == u]) for u in sorted(set(shapes))]
+
+
+def batch_indices(ds, cfg: Recipe, step: int, rank: int = 0, world: int = 1) -> np.ndarray:
     """The sample indices of global ``step`` for ``rank``: a per-epoch permutation from (seed, epoch) within each
-    bucket, the global batch split into ``world`` disjoint shards."""
+    bucket (``ds.groups``, from ``bucket_groups``), the global batch split into ``world`` disjoint shards."""
     groups = ds.groups
     global_batch = cfg.batch_size * world
     per_epoch = [len(g) // global_batch for g in groups]
     if sum(per_epoch) == 0:
-        raise ValueError(f"{len(ds.latents)} samples cannot fill one global batch of {global_batch} in any bucket")
+        total = sum(len(g) for g in groups)
+        raise ValueError(f"{total} samples cannot fill one global batch of {global_batch} in any bucket")
     epoch, k = divmod(step, sum(per_epoch))
     rng = np.random.default_rng([cfg.seed, epoch])
     order = [(gi, b) for gi, nb in enumerate(per_epoch) for b in range(nb)]
@@ -401,9 +424,10 @@ def _scale_by_tensor(factor, grad):
 
 
 class Trainer(nn.Cell):
-    """Owns model, optimizer, EMA and gradient buffers. ``step`` is one compiled graph per optimizer step: loss and
-    gradients of the (last) micro-batch, cross-rank mean, accumulated sum, clipping, AdamW, EMA. With gradient
-    accumulation the earlier micro-batches go through ``accumulate``.
+    """Owns a loss Cell (its ``model`` is what is trained), optimizer, EMA and gradient buffers. ``step(*batch)`` is
+    one compiled graph per optimizer step: loss and gradients of the (last) micro-batch, cross-rank mean, accumulated
+    sum, clipping, AdamW, EMA. With gradient accumulation the earlier micro-batches go through ``accumulate``. The
+    batch is whatever the loss Cell's ``construct`` takes (``FlowMatchingLoss``, ``vae_training.VAELoss``).
 
     Mixed precision: the model computes in ``cfg.precision`` (``Cell.to_float``: inputs and parameters cast inside
     the graph) while parameters, gradients, optimizer state, EMA and the loss stay fp32. fp16 scales the loss
@@ -415,15 +439,18 @@ class Trainer(nn.Cell):
     sees the global norm; checkpoints hold the gathered, whole optimizer state.
     """
 
-    def __init__(self, model: nextdit.NextDiT, cfg: TrainConfig, world: int = 1):
+    def __init__(self, loss: nn.Cell, cfg: Recipe, world: int = 1):
         super().__init__()
-        # MindSpore prefixes parameter names with the path of the Cells that hold them; keep the model's own names
-        self.param_names = tuple(p.name for p in model.trainable_params())
+        model = loss.model
+        # Parameter.name carries the path of the Cells holding the model ("loss.model."); checkpoints keep the model's
+        # own names, which parameters_and_names gives relative to it
+        named = [(n, p) for n, p in model.parameters_and_names() if p.requires_grad]
+        self.param_names = tuple(n for n, _ in named)
         backend.check_dtype_supported(PRECISIONS[cfg.precision])
         if cfg.precision != "fp32":
             model.to_float(PRECISIONS[cfg.precision])
-        self.loss = FlowMatchingLoss(model)
-        params = model.trainable_params()
+        self.loss = loss
+        params = [p for _, p in named]
         self.params = ParameterTuple(params)
         self.lr = Parameter(Tensor(cfg.lr, ms.float32), name="lr", requires_grad=False)
         # nn.AdamWeightDecay: mint's AdamW has no CPU kernel
@@ -503,16 +530,16 @@ class Trainer(nn.Cell):
         return loss, grads
 
     @ms.jit
-    def accumulate(self, x1, x0, t, cap_feats, cap_mask, cos, sin, gain):
+    def accumulate(self, *batch):
         """A micro-batch before the last: its gradients are added to the buffers."""
-        loss, grads = self._grads((x1, x0, t, cap_feats, cap_mask, cos, sin, gain))
+        loss, grads = self._grads(batch)
         self.hyper_map(_accumulate, self.grads, grads)
         return loss
 
     @ms.jit
-    def step(self, x1, x0, t, cap_feats, cap_mask, cos, sin, gain):
+    def step(self, *batch):
         """The last micro-batch and the update: returns (loss, gradient norm before clipping)."""
-        loss, grads = self._grads((x1, x0, t, cap_feats, cap_mask, cos, sin, gain))
+        loss, grads = self._grads(batch)
         if self.accum > 1:
             grads = self.hyper_map(_add, self.grads, grads)
             grads = self.hyper_map(ops.partial(_scale, 1.0 / self.accum), grads)
@@ -659,7 +686,7 @@ def _progress_bar(start: int, end: int, enabled: bool):
 
 
 def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after=None, progress: bool = True):
-    """Train (or resume) the run in ``cfg.output``; returns the trainer. ``stop_after`` ends early (for tests)."""
+    """Train (or resume) the Next-DiT run in ``cfg.output``; returns the trainer. ``stop_after`` ends early (tests)."""
     ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == "graph" else ms.PYNATIVE_MODE)
     ms.set_seed(cfg.seed)
     tokenizer = gemma.load_tokenizer(cfg.text_encoder)
@@ -668,7 +695,25 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after
     ds = prepare_data(cfg, tokenizer, encoder, vae, log)
     del encoder, vae
     model = build_model(cfg, ds.cap_feats.shape[-1])
-    trainer = Trainer(model, cfg, world)
+    trainer = Trainer(FlowMatchingLoss(model), cfg, world)
+    tables = {}  # RoPE inputs per latent size
+
+    def batch_at(index: int):
+        x1, x0, t, feats, mask, idx = make_batch(ds, cfg, index, rank, world)
+        if x1.shape[2:] not in tables:
+            tables[x1.shape[2:]] = nextdit.rope_inputs(model.cfg, x1.shape[2], x1.shape[3], 1.0)
+        return (*map(Tensor, (x1, x0, t, feats, mask)), *tables[x1.shape[2:]]), idx
+
+    what = f"Next-DiT {parameter_count(model):,} parameters, {len(ds.latents)} samples"
+    return fit(cfg, trainer, batch_at, what, rank, world, log, stop_after, progress)
+
+
+def fit(cfg: Recipe, trainer: Trainer, batch_at, what: str, rank=0, world=1, log=print, stop_after=None, progress=True):
+    """The loop every recipe shares: resume from ``output/checkpoints/latest``, run the steps, log, save.
+
+    ``batch_at(index)`` gives micro-batch ``index`` (``step * grad_accum + micro``) of this rank as (Tensors for
+    ``trainer.step``, sample indices). Returns the trainer with ``history`` (step, loss, lr) and ``seen`` (indices).
+    """
     start = 0
     resume = latest_checkpoint(cfg.output)
     if resume:
@@ -679,8 +724,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after
             trainer.scaler.counter.set_data(Tensor(state["loss_scale_counter"], ms.int32))
         trainer.skipped.set_data(Tensor(state.get("skipped_steps", 0), ms.int32))
         log(f"resumed from {resume} at step {start}")
-    log(f"Next-DiT {parameter_count(model):,} parameters, {len(ds.latents)} samples, start step {start}")
-    tables = {}
+    log(f"{what}, start step {start}")
     history, seen = [], []
     t_log = time.perf_counter()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
@@ -689,11 +733,8 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after
         trainer.lr.set_data(Tensor(lr_at(cfg, step), ms.float32))
         losses = []
         for micro in range(cfg.grad_accum):
-            x1, x0, t, feats, mask, idx = make_batch(ds, cfg, step * cfg.grad_accum + micro, rank, world)
+            batch, idx = batch_at(step * cfg.grad_accum + micro)
             seen.extend(int(i) for i in idx)
-            if x1.shape[2:] not in tables:
-                tables[x1.shape[2:]] = nextdit.rope_inputs(model.cfg, x1.shape[2], x1.shape[3], 1.0)
-            batch = (*map(Tensor, (x1, x0, t, feats, mask)), *tables[x1.shape[2:]])
             if micro + 1 < cfg.grad_accum:
                 losses.append(float(trainer.accumulate(*batch).asnumpy()))
             else:
@@ -712,19 +753,20 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after
             log(line)
             t_log = time.perf_counter()
         if (step + 1) % cfg.save_every == 0 or step + 1 == end:
-            opt = trainer.optimizer_state() if rank == 0 or trainer.zero is not None else None  # ZeRO: a collective
-        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == end):
-            state = {"history": history[-cfg.save_every :], "skipped_steps": int(trainer.skipped.asnumpy())}
-            if trainer.scaled:
-                state["loss_scale"] = float(trainer.scaler.scale_value.asnumpy())
-                state["loss_scale_counter"] = int(trainer.scaler.counter.asnumpy())
-            save_checkpoint(cfg.output, trainer, step + 1, state, opt)
+            # under ZeRO gathering the optimizer state is a collective: every rank takes part, rank 0 writes
+            opt = trainer.optimizer_state() if rank == 0 or trainer.zero is not None else None
+            if rank == 0:
+                state = {"history": history[-cfg.save_every :], "skipped_steps": int(trainer.skipped.asnumpy())}
+                if trainer.scaled:
+                    state["loss_scale"] = float(trainer.scaler.scale_value.asnumpy())
+                    state["loss_scale_counter"] = int(trainer.scaler.counter.asnumpy())
+                save_checkpoint(cfg.output, trainer, step + 1, state, opt)
     bar.close()
     if world > 1:  # every rank leaves after rank 0's last save, so a relaunch resumes from it on every rank
         from mindspore.mint.distributed import barrier
 
         barrier()
-    trainer.history, trainer.seen = history, seen  # per step (step, loss, lr); sample indices this rank used
+    trainer.history, trainer.seen = history, seen
     return trainer
 
 
