@@ -175,7 +175,7 @@ def conv2d(x, weight, bias, stride: int = 1, padding: int = 0, fused: bool = Fal
     ho, wo = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
     hq, wq = ho + (kh - 1) // s + 1, wo + (kw - 1) // s  # phase image size; the spare row keeps every tap in range
     assert s * hq >= h + p and s * wq >= w + p, (x.shape, weight.shape, stride, padding)
-    x = ops.pad(x, (p, s * wq - w - p, p, s * hq - h - p))  # (B, C, s*hq, s*wq); mint's pad has no CPU kernel
+    x = pad2d(x, p, s * wq - w - p, p, s * hq - h - p)  # (B, C, s*hq, s*wq)
     x = mint.permute(x.reshape(b, c, hq, s, wq, s), (0, 3, 5, 1, 2, 4)).reshape(b, s * s * c, hq * wq)  # phases
     taps = _taps(weight)
     out = None
@@ -188,6 +188,27 @@ def conv2d(x, weight, bias, stride: int = 1, padding: int = 0, fused: bool = Fal
     out = _bias_add(out, bias).astype(x.dtype)
     # each phase row carries wq - wo columns past the image edge; crop them
     return out.reshape(b, o, ho, wq)[:, :, :, :wo]  # (B, O, Ho, Wo)
+
+
+def pad2d(x, left: int, right: int, top: int, bottom: int):
+    """Zero padding of the last two axes of (B, C, H, W) by concatenation.
+
+    Neither framework pad is usable on CPU: mint's has no CPU kernel, and a graph holding ``ops.pad`` (PadV3) and an
+    optimizer update hangs in MindSpore 2.10's CPU runtime on its 18th run (measured: a matmul, ``ops.pad`` and
+    ``nn.AdamWeightDecay``, 16x16 images; 26th at 24x24), which stopped VAE training at step 18. Concatenation does
+    not, and gives the same values and gradients.
+    """
+    b, c, h, w = x.shape
+    if left or right:
+        parts = [mint.zeros((b, c, h, left), dtype=x.dtype)] if left else []
+        parts += [x] + ([mint.zeros((b, c, h, right), dtype=x.dtype)] if right else [])
+        x = mint.cat(parts, dim=3)
+        w += left + right
+    if top or bottom:
+        parts = [mint.zeros((b, c, top, w), dtype=x.dtype)] if top else []
+        parts += [x] + ([mint.zeros((b, c, bottom, w), dtype=x.dtype)] if bottom else [])
+        x = mint.cat(parts, dim=2)
+    return x
 
 
 def _conv2d_same(x, weight, bias):
@@ -221,9 +242,14 @@ def _conv2d_same(x, weight, bias):
 
 
 def _taps(weight):
-    """(O, C, kh, kw) -> kh * kw matrices (O, C) in row-major tap order; one split, as indexing is slow on CPU."""
+    """(O, C, kh, kw) -> kh * kw matrices (O, C) in row-major tap order; one split, as indexing is slow on CPU.
+
+    ``ops.transpose``, not ``mint.permute``: with the view op, MindSpore 2.10 graph mode returned the weight gradient
+    of one conv for another conv whose weight had the same shape (measured on two chained 3x3 convs; PyNative was
+    right), so a VAE trained in graph mode got wrong gradients.
+    """
     o, c, kh, kw = weight.shape
-    return mint.split(mint.permute(weight, (2, 3, 0, 1)).reshape(kh * kw * o, c), o, dim=0)
+    return mint.split(ops.transpose(weight, (2, 3, 0, 1)).reshape(kh * kw * o, c), o, dim=0)
 
 
 def _bias_add(x, bias):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, mint, nn, ops
+from mindspore import Parameter, Tensor, mint, nn
 from mindspore.common.initializer import HeUniform, initializer
 
 from . import backend, checkpoint_io
@@ -207,7 +207,7 @@ class Downsample2D(nn.Cell):
         self.conv = _conv(channels, channels, 3, stride=2)
 
     def construct(self, x):
-        return self.conv(ops.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2); mint's pad has no CPU kernel
+        return self.conv(backend.pad2d(x, 0, 1, 0, 1))  # (B, C, H/2, W/2)
 
 
 class Upsample2D(nn.Cell):
