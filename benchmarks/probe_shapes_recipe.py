@@ -63,7 +63,7 @@ def eval_features(text_encoder: str, prompts: list):
     return torch.from_numpy(feats.asnumpy()), torch.from_numpy(mask.asnumpy()).bool()
 
 
-def train_vae(images: torch.Tensor, steps: int, channels: int, kl: float = 1e-4) -> AutoencoderKL:
+def train_vae(images: torch.Tensor, steps: int, channels: int, kl: float = 1e-4, batch: int = 32) -> AutoencoderKL:
     """A small ``AutoencoderKL`` fitted to ``images`` (N, 3, H, W) in [-1, 1]; two downsamples, so H/4 latents."""
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
@@ -73,14 +73,14 @@ def train_vae(images: torch.Tensor, steps: int, channels: int, kl: float = 1e-4)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     rng, start = np.random.default_rng(1), time.time()
     for step in range(steps):
-        x = images[torch.from_numpy(rng.integers(0, len(images), 32))]
+        x = images[torch.from_numpy(rng.integers(0, len(images), batch))]
         posterior = vae.encode(x).latent_dist
         mse = ((vae.decode(posterior.sample()).sample - x) ** 2).mean()
         loss = mse + kl * posterior.kl().mean() / x[0].numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if (step + 1) % 500 == 0:
+        if (step + 1) % 250 == 0:
             print(f"# VAE step {step + 1}: MSE {mse.item():.4f}, {time.time() - start:.0f} s", flush=True)
     return vae.eval()
 
@@ -136,6 +136,8 @@ def main():
     p.add_argument("--latent", action="store_true", help="train a small VAE first and the Next-DiT on its latents")
     p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--latent-channels", type=int, default=4)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--latent-patch", type=int, default=1, help="Next-DiT patch size on the latents")
     p.add_argument("--vae-out", default=None, help="save the probe's VAE here (torch state dict), or reuse it")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -151,11 +153,11 @@ def main():
             vae = train_vae(x_all, 0, args.latent_channels)
             vae.load_state_dict(torch.load(args.vae_out))
         else:
-            vae = train_vae(x_all, args.vae_steps, args.latent_channels)
+            vae = train_vae(x_all, args.vae_steps, args.latent_channels, batch=args.vae_batch)
             if args.vae_out:
                 torch.save(vae.state_dict(), args.vae_out)
         x_all, scale = encode(vae, x_all)
-        args.patch = 1
+        args.patch = args.latent_patch
     args.resolution, args.cap_dim, args.in_channels = x_all.shape[-1], caps.shape[-1], x_all.shape[1]
     prompts = [shapes.caption(s) for s in shapes.heldout_scenes(args.prompts, seed=0)]
     eval_feats, eval_mask = eval_features(args.text_encoder, prompts)
