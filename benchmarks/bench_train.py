@@ -58,7 +58,8 @@ def project_step(precision: str, size: int, tokens: int):
     x1, x0, t, cap, mask = batch(size, tokens)
     side = x1.shape[2]
     args = (*map(Tensor, (x1, x0, t, cap, mask)), *nextdit.rope_inputs(model.cfg, side, side, 1.0))
-    return lambda: float(trainer.step(*args)[0].asnumpy())
+    lr = ms.Tensor(cfg.lr, ms.float32)
+    return lambda: float(trainer.step(lr, *args)[0].asnumpy())
 
 
 def torch_step(size: int, tokens: int):

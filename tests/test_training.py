@@ -162,6 +162,85 @@ def test_bad_recipes_and_folders_are_named(tmp_path, data_and_encoder):
         training.train(cfg)
 
 
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_optimizer_steps_equal_torch_adamw(grad_accum):
+    """Four Trainer steps (warm-up and cosine learning rate, weight decay, active clipping, EMA, gradient
+    accumulation) give the weights and EMA that diffusers' model with torch.optim.AdamW, clip_grad_norm_ and lerp
+    give. MindSpore's AdamWeightDecay has no bias correction and the learning rate used to be set where the compiled
+    step never read it; both would fail this."""
+    import torch
+    from diffusers import LuminaNextDiT2DModel
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    from mindone_lumina import nextdit
+    from mindone_lumina.convert import rename_to_project
+    from mindone_lumina.loading import load_state_dict
+    from mindone_lumina.parity import randomize_torch_
+
+    torch.manual_seed(0)
+    ref = LuminaNextDiT2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
+                               num_attention_heads=2, num_kv_heads=1, multiple_of=16, learn_sigma=False, qk_norm=True,
+                               cross_attention_dim=16)  # fmt: skip
+    randomize_torch_(ref, seed=1)
+    for block in ref.layers:  # one tensor in the project, two in diffusers: share them, as the gradients add up
+        block.attn2.to_q.weight = block.attn1.to_q.weight
+        block.attn2.norm_q.weight, block.attn2.norm_q.bias = block.attn1.norm_q.weight, block.attn1.norm_q.bias
+    cfg = nextdit.NextDiTConfig(patch_size=2, in_channels=4, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                multiple_of=16, learn_sigma=False, qk_norm=True, cap_feat_dim=16)  # fmt: skip
+    model = nextdit.NextDiT(cfg)
+    state = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
+    load_state_dict(model, rename_to_project(state, nextdit.DIFFUSERS_RULES, [p.name for p in model.get_parameters()]))
+    recipe = training.TrainConfig(data="-", output="-", lr=1e-2, lr_schedule="cosine", warmup_steps=2, steps=4,
+                                  weight_decay=0.01, grad_clip=0.05, ema_decay=0.9, grad_accum=grad_accum)  # fmt: skip
+    trainer = training.Trainer(training.FlowMatchingLoss(model), recipe)
+
+    params = list(ref.parameters())  # shared tensors once
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    ema = [p.detach().clone() for p in params]
+    rope = get_2d_rotary_pos_embed_lumina(cfg.head_dim, 384, 384)
+    tables = nextdit.rope_inputs(cfg, 8, 8, 1.0)
+    rng = np.random.default_rng(0)
+    for step in range(recipe.steps):
+        lr = training.lr_at(recipe, step)
+        opt.zero_grad(set_to_none=True)
+        for micro in range(grad_accum):
+            x1, x0 = rng.standard_normal((2, 2, 4, 8, 8), dtype=np.float32)
+            t = rng.uniform(0, 1, 2).astype(np.float32)
+            cap = rng.standard_normal((2, 5, 16), dtype=np.float32)
+            mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32)
+            batch = (*(ms.Tensor(a) for a in (x1, x0, t, cap, mask)), *tables)
+            if micro + 1 < grad_accum:
+                trainer.accumulate(*batch)
+            else:
+                trainer.step(ms.Tensor(lr, ms.float32), *batch)
+            tt = torch.from_numpy(t).reshape(-1, 1, 1, 1)
+            xt = tt * torch.from_numpy(x1) + (1 - tt) * torch.from_numpy(x0)
+            v = ref(xt, torch.from_numpy(t), torch.from_numpy(cap), torch.from_numpy(mask).bool(), rope,
+                    cross_attention_kwargs={}, return_dict=False)[0]  # fmt: skip
+            (((v - torch.from_numpy(x1 - x0)) ** 2).mean() / grad_accum).backward()
+        assert float(torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)) > recipe.grad_clip  # clipping acts
+        for group in opt.param_groups:
+            group["lr"] = lr
+            # the one documented difference (AdamWBiasCorrection): eps is added before the bias correction
+            group["eps"] = training.ADAM_EPS / (1 - training.ADAM_BETAS[1] ** (step + 1)) ** 0.5
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - recipe.ema_decay)
+
+    ours = dict(zip(trainer.param_names, trainer.params))
+    ours_ema = dict(zip(trainer.param_names, trainer.ema))
+    by_tensor = {id(p): (p, e) for p, e in zip(params, ema)}
+    named = dict(ref.named_parameters())
+    for name in trainer.param_names:
+        if name == "pad_token":  # unused: torch skips it (no gradient), AdamW's decay still shrinks it here
+            continue
+        p, e = by_tensor[id(named[nextdit.DIFFUSERS_RULES.sources_of(name)[0]])]
+        for got, want in ((ours[name], p), (ours_ema[name], e)):
+            want = want.detach().numpy()
+            err = np.linalg.norm(got.asnumpy() - want) / np.linalg.norm(want)
+            assert err <= 1e-5, (name, err)
+
+
 def test_lr_schedule():
     cfg = training.TrainConfig(data="d", output="o", lr=1.0, warmup_steps=10, steps=110, lr_schedule="cosine")
     assert training.lr_at(cfg, 0) == pytest.approx(0.1)
