@@ -13,10 +13,13 @@ Models never call this module; loaders, converters and tools do.
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import pickle
 import re
+import shutil
+import tempfile
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -550,6 +553,26 @@ def write_safetensors(path: str, specs: list, metadata: dict | None = None, forc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def staged_folder(folder: str):
+    """A new temporary folder beside ``folder`` to write into; it becomes ``folder`` (which must be absent or empty)
+    only when the block succeeds, and is removed if it raises, so readers never see a half-written folder."""
+    if os.path.exists(folder) and os.listdir(folder):
+        raise ValueError(f"{folder} exists and is not empty; refusing to overwrite")
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(folder))}-")  # same filesystem
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if os.path.isdir(folder):
+            os.rmdir(folder)
+        os.replace(tmp, folder)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
 
 
 def write_json(path: str, obj: dict, force: bool = False):

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn, ops
 
 from . import backend
-from .checkpoint_io import open_checkpoint
+from .checkpoint_io import open_checkpoint, staged_folder
 from .convert import RuleTable, rename_to_project
 from .layers import cast_parameters, linear
 from .loading import load_state_dict
@@ -356,23 +355,16 @@ def save_gemma(folder: str, cfg: GemmaConfig, state: Mapping, tokenizer) -> None
     ``load_gemma`` and transformers read; files go to a temporary folder renamed at the end."""
     from safetensors.numpy import save_file
 
-    if os.path.exists(folder) and os.listdir(folder):
-        raise ValueError(f"{folder} exists and is not empty; refusing to overwrite a text encoder")
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".gemma-")
-    hf = {**dataclasses.asdict(cfg), "model_type": "gemma", "architectures": ["GemmaModel"],
-          "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "pad_token_id": 0,
-          "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True, "torch_dtype": "float32"}  # fmt: skip
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf, f, indent=1)
-    save_file(
-        {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, os.path.join(tmp, "model.safetensors")
-    )
-    tokenizer.save_pretrained(tmp)
-    if os.path.isdir(folder):
-        os.rmdir(folder)
-    os.replace(tmp, folder)
+    with staged_folder(folder) as tmp:
+        hf = {**dataclasses.asdict(cfg), "model_type": "gemma", "architectures": ["GemmaModel"],
+              "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "pad_token_id": 0,
+              "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True, "torch_dtype": "float32"}  # fmt: skip
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=1)
+        save_file(
+            {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, os.path.join(tmp, "model.safetensors")
+        )
+        tokenizer.save_pretrained(tmp)
 
 
 def random_gemma_state(cfg: GemmaConfig, seed: int = 0, std: float = 0.02) -> dict:

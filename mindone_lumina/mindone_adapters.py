@@ -23,7 +23,6 @@ and ``save_pipeline`` a whole pipeline with ``model_index.json``, which diffuser
 
 import dataclasses
 import os
-import tempfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -230,20 +229,6 @@ def _specs(named_params, names=None) -> list:
     return out
 
 
-def _staging(folder: str) -> str:
-    if os.path.exists(folder) and os.listdir(folder):
-        raise ValueError(f"{folder} exists and is not empty; refusing to overwrite")
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(dir=parent, prefix=".saving-")
-
-
-def _publish(tmp: str, folder: str):
-    if os.path.isdir(folder):
-        os.rmdir(folder)
-    os.replace(tmp, folder)
-
-
 def _write_transformer(model: nextdit.NextDiT, folder: str, sample_size: int):
     specs = layout_tensors(_specs(model.get_parameters()), "diffusers")
     checkpoint_io.write_safetensors(os.path.join(folder, WEIGHTS_NAME), specs, {"format": "pt"})
@@ -260,16 +245,14 @@ def _write_vae(vae: vae_lib.AutoencoderKL, folder: str):
 def save_transformer(model: nextdit.NextDiT, folder: str, sample_size: int) -> None:
     """A diffusers ``transformer/`` folder that ``diffusers.LuminaNextDiT2DModel.from_pretrained`` loads;
     ``sample_size`` is the latent side of the training area (128 for 1024 px through the 8x VAE)."""
-    tmp = _staging(folder)
-    _write_transformer(model, tmp, sample_size)
-    _publish(tmp, folder)
+    with checkpoint_io.staged_folder(folder) as tmp:
+        _write_transformer(model, tmp, sample_size)
 
 
 def save_vae(vae: vae_lib.AutoencoderKL, folder: str) -> None:
     """A diffusers ``vae/`` folder that ``diffusers.AutoencoderKL.from_pretrained`` loads."""
-    tmp = _staging(folder)
-    _write_vae(vae, tmp)
-    _publish(tmp, folder)
+    with checkpoint_io.staged_folder(folder) as tmp:
+        _write_vae(vae, tmp)
 
 
 def save_text_encoder(encoder: gemma.GemmaEncoder, tokenizer, folder: str) -> None:
@@ -283,28 +266,27 @@ def save_pipeline(pipe, folder: str) -> None:
     ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and ``vae/`` (none for a pixel-space model)."""
     if not isinstance(pipe.transformer, nextdit.NextDiT) or not isinstance(pipe.text_encoder, gemma.GemmaEncoder):
         raise ValueError("the diffusers layout holds Lumina-Next (Next-DiT + Gemma); Lumina-T2I has none")
-    tmp = _staging(folder)
-    factor = 1 if pipe.vae is None else pipe.vae.cfg.downsample_factor
-    _write_transformer(pipe.transformer, os.path.join(tmp, "transformer"), pipe.train_size // factor)
-    save_text_encoder(pipe.text_encoder, pipe.tokenizer, os.path.join(tmp, "text_encoder"))
-    pipe.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-    if pipe.vae is not None:
-        _write_vae(pipe.vae, os.path.join(tmp, "vae"))
-    os.makedirs(os.path.join(tmp, "scheduler"))
-    scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
-                 "num_train_timesteps": 1000, "shift": 1.0}  # fmt: skip
-    checkpoint_io.write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), scheduler)
-    index = {
-        "_class_name": "LuminaPipeline",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "transformer": ["diffusers", "LuminaNextDiT2DModel"],
-        "text_encoder": ["transformers", "GemmaModel"],
-        "tokenizer": ["transformers", "GemmaTokenizerFast"],
-        "vae": [None, None] if pipe.vae is None else ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    }  # the training size is transformer/config.json's sample_size times the VAE factor
-    checkpoint_io.write_json(os.path.join(tmp, "model_index.json"), index)
-    _publish(tmp, folder)
+    with checkpoint_io.staged_folder(folder) as tmp:
+        factor = 1 if pipe.vae is None else pipe.vae.cfg.downsample_factor
+        _write_transformer(pipe.transformer, os.path.join(tmp, "transformer"), pipe.train_size // factor)
+        save_text_encoder(pipe.text_encoder, pipe.tokenizer, os.path.join(tmp, "text_encoder"))
+        pipe.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        if pipe.vae is not None:
+            _write_vae(pipe.vae, os.path.join(tmp, "vae"))
+        os.makedirs(os.path.join(tmp, "scheduler"))
+        scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+                     "num_train_timesteps": 1000, "shift": 1.0}  # fmt: skip
+        checkpoint_io.write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), scheduler)
+        index = {
+            "_class_name": "LuminaPipeline",
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "transformer": ["diffusers", "LuminaNextDiT2DModel"],
+            "text_encoder": ["transformers", "GemmaModel"],
+            "tokenizer": ["transformers", "GemmaTokenizerFast"],
+            "vae": [None, None] if pipe.vae is None else ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        }  # the training size is transformer/config.json's sample_size times the VAE factor
+        checkpoint_io.write_json(os.path.join(tmp, "model_index.json"), index)
 
 
 __all__ = [

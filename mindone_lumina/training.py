@@ -25,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from . import backend, gemma, nextdit
+from . import backend, checkpoint_io, gemma, nextdit
 from . import vae as vae_lib
 from .layers import parameter_count
 from .loading import compare_shapes, load_state_dict
@@ -620,8 +620,6 @@ class Trainer(nn.Cell):
         self.hyper_map(ops.partial(_ema_update, self.ema_decay), self.ema, self.params)
 
 
-
-
 def _zero_helper(optimizer, info_dir: str):
     """mindone's ZeRO stage 1 over the whole data-parallel world (needs msrun and ParallelMode.DATA_PARALLEL)."""
     from mindone.trainers.zero import ZeroHelper
@@ -823,35 +821,28 @@ def export_pipeline(cfg: TrainConfig, trainer: Trainer, folder: str, use_ema: bo
     + original-named safetensors, EMA weights by default), text_encoder/ and tokenizer/ (copies), vae/ or none."""
     from .nextdit_weights import diffusers_config
 
-    if os.path.exists(folder) and os.listdir(folder):
-        raise ValueError(f"{folder} exists and is not empty; refusing to overwrite")
     model = trainer.loss.model
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
-    os.makedirs(os.path.join(tmp, "transformer"))
-    factor = 1 if cfg.vae is None else vae_lib.load_config(cfg.vae).downsample_factor
-    conf = {**diffusers_config(model.cfg), "sample_size": cfg.resolution // factor}
-    with open(os.path.join(tmp, "transformer", "config.json"), "w") as f:
-        json.dump(conf, f, indent=1)
-    source = trainer.ema if use_ema else trainer.params
-    weights = {n: p.asnumpy() for n, p in zip(trainer.param_names, source)}
-    save_file(weights, os.path.join(tmp, "transformer", "model.safetensors"))
-    shutil.copytree(cfg.text_encoder, os.path.join(tmp, "text_encoder"))
-    tokenizer_only = shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json")
-    shutil.copytree(cfg.text_encoder, os.path.join(tmp, "tokenizer"), ignore=tokenizer_only)  # tokenizer files only
-    if cfg.vae is not None:
-        shutil.copytree(vae_lib.vae_folder(cfg.vae), os.path.join(tmp, "vae"))
-    index = {
-        "_class_name": "LuminaPipeline",
-        "transformer": ["diffusers", "LuminaNextDiT2DModel"],
-        "text_encoder": ["transformers", "GemmaModel"],
-        "tokenizer": ["transformers", "GemmaTokenizerFast"],
-        "vae": None if cfg.vae is None else ["diffusers", "AutoencoderKL"],
-        "train_size": cfg.resolution,
-    }
-    with open(os.path.join(tmp, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=1)
-    if os.path.isdir(folder):
-        os.rmdir(folder)
-    os.replace(tmp, folder)
+    with checkpoint_io.staged_folder(folder) as tmp:
+        os.makedirs(os.path.join(tmp, "transformer"))
+        factor = 1 if cfg.vae is None else vae_lib.load_config(cfg.vae).downsample_factor
+        conf = {**diffusers_config(model.cfg), "sample_size": cfg.resolution // factor}
+        with open(os.path.join(tmp, "transformer", "config.json"), "w") as f:
+            json.dump(conf, f, indent=1)
+        source = trainer.ema if use_ema else trainer.params
+        weights = {n: p.asnumpy() for n, p in zip(trainer.param_names, source)}
+        save_file(weights, os.path.join(tmp, "transformer", "model.safetensors"))
+        shutil.copytree(cfg.text_encoder, os.path.join(tmp, "text_encoder"))
+        tokenizer_only = shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json")
+        shutil.copytree(cfg.text_encoder, os.path.join(tmp, "tokenizer"), ignore=tokenizer_only)  # tokenizer files only
+        if cfg.vae is not None:
+            shutil.copytree(vae_lib.vae_folder(cfg.vae), os.path.join(tmp, "vae"))
+        index = {
+            "_class_name": "LuminaPipeline",
+            "transformer": ["diffusers", "LuminaNextDiT2DModel"],
+            "text_encoder": ["transformers", "GemmaModel"],
+            "tokenizer": ["transformers", "GemmaTokenizerFast"],
+            "vae": None if cfg.vae is None else ["diffusers", "AutoencoderKL"],
+            "train_size": cfg.resolution,
+        }
+        with open(os.path.join(tmp, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=1)

@@ -14,6 +14,7 @@ import os
 import pickle
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -447,3 +448,19 @@ def test_any_rule_table_drives_the_conversion(tmp_path):
     assert np.array_equal(specs[2].fetch(), w) and np.array_equal(specs[0].fetch(), np.ones(4))
     with pytest.raises(ValueError, match=r"missing keys \(1\): net\.b2"):
         convert_tensors(reader, table, {"net.w": (3, 4), "net.b0": (4,), "net.b1": (4,), "net.b2": (4,)})
+
+
+def test_staged_folder_publishes_only_on_success(tmp_path):
+    """Every exporter writes through ``staged_folder``: the folder appears whole and world-readable, or not at all."""
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk full"):
+        with checkpoint_io.staged_folder(str(out)) as tmp:
+            Path(tmp, "half.json").write_text("{")
+            raise RuntimeError("disk full")
+    assert not out.exists() and os.listdir(tmp_path) == []  # nothing half-written, no temporary left behind
+    with checkpoint_io.staged_folder(str(out)) as tmp:
+        Path(tmp, "a.json").write_text("{}")
+    assert os.listdir(out) == ["a.json"] and os.stat(out).st_mode & 0o777 == 0o755
+    with pytest.raises(ValueError, match=f"{out} exists and is not empty"):
+        with checkpoint_io.staged_folder(str(out)):
+            pass
