@@ -585,8 +585,9 @@ class Trainer(nn.Cell):
     @ms.jit
     def step(self, lr, *batch):
         """The last micro-batch and the update at learning rate ``lr`` (a scalar Tensor): returns (loss, gradient norm
-        before clipping). The rate is an input because a compiled jit method keeps reading the device buffer it was
-        compiled with: ``Parameter.set_data`` between calls is not seen (measured), so the schedule never applied."""
+        before clipping). The rate is an input, assigned inside the graph: ``set_data`` on a Parameter handed to
+        ``nn.AdamWeightDecay`` as its learning rate never reached the update (measured: every step ran at the rate the
+        Parameter held at construction), so no schedule applied."""
         ops.assign(self.lr, lr)
         loss, grads = self._grads(batch)
         if self.accum > 1:
