@@ -130,22 +130,27 @@ def test_saving_a_step_again_never_breaks_latest(tmp_path, data_and_encoder):
 
 
 def test_feature_cache_reused_and_invalidated(tmp_path, data_and_encoder):
-    first, second, third = [], [], []
+    """The cache as ``train`` uses it (prepare_data; no training steps needed to see what it reuses)."""
+    from mindone_lumina import gemma
+
+    def prepare(cfg):
+        log = []
+        encoder = gemma.load_gemma(cfg.text_encoder)
+        training.prepare_data(cfg, gemma.load_tokenizer(cfg.text_encoder), encoder, None, log.append)
+        return log
+
     path = recipe(tmp_path, data_and_encoder, steps=1)
-    training.train(training.TrainConfig.from_yaml(path), log=first.append)
-    training.train(training.TrainConfig.from_yaml(path, steps=2), log=second.append)
+    assert any(line.startswith("cached 2 samples") for line in prepare(training.TrainConfig.from_yaml(path)))
+    again = prepare(training.TrainConfig.from_yaml(path, steps=2))  # a recipe change that does not touch the data
+    assert any(line.startswith("reusing cached") for line in again)
     small = recipe(tmp_path, data_and_encoder, steps=3, resolution=8, bucket_multiple=8)
-    training.train(training.TrainConfig.from_yaml(small), log=third.append)
-    assert any(line.startswith("cached 2 samples") for line in first)
-    assert any(line.startswith("reusing cached") for line in second)
-    assert any(line.startswith("cached 2 samples") for line in third)  # a new resolution is recomputed
+    assert any(line.startswith("cached 2 samples") for line in prepare(training.TrainConfig.from_yaml(small)))
     other = str(tmp_path / "other_encoder")  # same architecture and tokenizer, other weights
     data, _ = data_and_encoder
     args = ["--captions", os.path.join(data, "captions.jsonl"), "--out", other, "--hidden", "32", "--layers", "2"]
     load_tool("make_text_encoder").main(args + ["--heads", "2", "--vocab", "300", "--seed", "1"])
-    fourth = []
-    training.train(training.TrainConfig.from_yaml(path, steps=3, text_encoder=other), log=fourth.append)
-    assert any(line.startswith("cached 2 samples") for line in fourth)  # a changed text encoder is recomputed
+    changed = prepare(training.TrainConfig.from_yaml(path, text_encoder=other))
+    assert any(line.startswith("cached 2 samples") for line in changed)  # a changed text encoder is recomputed
 
 
 def test_bad_recipes_and_folders_are_named(tmp_path, data_and_encoder):
