@@ -99,8 +99,9 @@ def torch_step(size: int, tokens: int):
     return step
 
 
-def worker(kind: str, size: int, tokens: int, repeats: int) -> dict:
-    step = torch_step(size, tokens) if kind == "torch" else project_step(kind, size, tokens)
+def time_steps(step, repeats: int) -> dict:
+    """First call (compile included), then the median of ``repeats`` calls after one more warm-up; the first call's
+    loss and this process's peak RSS."""
     t0 = time.perf_counter()
     loss0 = step()
     first = time.perf_counter() - t0
@@ -112,6 +113,10 @@ def worker(kind: str, size: int, tokens: int, repeats: int) -> dict:
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"first": first, "median": statistics.median(times), "loss0": loss0, "peak_mb": peak}
+
+
+def worker(kind: str, size: int, tokens: int, repeats: int) -> dict:
+    return time_steps(torch_step(size, tokens) if kind == "torch" else project_step(kind, size, tokens), repeats)
 
 
 def run_worker(kind: str, args) -> dict:

@@ -13,13 +13,11 @@ reported separately). The first step's loss is compared as a sanity check.
 import argparse
 import json
 import platform
-import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
+from bench_train import time_steps  # the same timing protocol as the Next-DiT step
 
 
 def initial_state(vae_config) -> dict:
@@ -100,18 +98,7 @@ def load_recipe(args):
 
 def worker(kind: str, args) -> dict:
     cfg = load_recipe(args)
-    step = torch_step(cfg) if kind == "torch" else project_step(cfg)
-    t0 = time.perf_counter()
-    loss0 = step()
-    first = time.perf_counter() - t0
-    step()
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"first": first, "median": statistics.median(times), "loss0": loss0, "peak_mb": peak}
+    return time_steps(torch_step(cfg) if kind == "torch" else project_step(cfg), args.repeats)
 
 
 def run_worker(kind: str, args) -> dict:

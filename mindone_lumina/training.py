@@ -732,6 +732,18 @@ def _progress_bar(start: int, end: int, enabled: bool):
     return tqdm(total=end, initial=start, disable=not enabled, desc="training", unit="step", leave=False)
 
 
+def data_parallel_world() -> tuple:
+    """(rank, world size): (0, 1) in a plain process; under msrun, communication initialised and data-parallel mode
+    set (gradients mean-reduced), one data shard per rank. Call after ``ms.set_device``."""
+    if int(os.environ.get("MS_WORKER_NUM", "1")) <= 1:
+        return 0, 1
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
+    return get_rank(), get_group_size()
+
+
 def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after=None, progress: bool = True):
     """Train (or resume) the Next-DiT run in ``cfg.output``; returns the trainer. ``stop_after`` ends early (tests)."""
     ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == "graph" else ms.PYNATIVE_MODE)

@@ -8,15 +8,13 @@ import sys
 import numpy as np
 
 import mindspore as ms
-from mindspore.communication import get_group_size, get_rank, init
 
-from mindone_lumina.training import TrainConfig, train
+from mindone_lumina.training import TrainConfig, data_parallel_world, train
 
 recipe, out = sys.argv[1], sys.argv[2]
 ms.set_device("CPU")
-init()
-rank, world = get_rank(), get_group_size()
-ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
+rank, world = data_parallel_world()  # what tools/train.py does under msrun
+assert world == 2, world
 cfg = TrainConfig.from_yaml(recipe, output=f"{out}/run")  # one output folder, as on a cluster: rank 0 saves
 if "--split" in sys.argv:
     train(cfg, rank, world, stop_after=cfg.steps // 2)

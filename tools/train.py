@@ -8,11 +8,10 @@ format ``tools/convert.py`` reads. ``--export`` writes a pipeline folder for ``t
 """
 
 import argparse
-import os
 
 import mindspore as ms
 
-from mindone_lumina.training import TrainConfig, export_pipeline, train
+from mindone_lumina.training import TrainConfig, data_parallel_world, export_pipeline, train
 
 
 def main(argv=None):
@@ -27,13 +26,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = TrainConfig.from_yaml(args.config, output=args.output, data=args.data, init=args.init, steps=args.steps)
     ms.set_device(args.device)
-    rank, world = 0, 1
-    if int(os.environ.get("MS_WORKER_NUM", "1")) > 1:  # launched by msrun: data parallel, one shard per rank
-        from mindspore.communication import get_group_size, get_rank, init
-
-        init()
-        rank, world = get_rank(), get_group_size()
-        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
+    rank, world = data_parallel_world()
     trainer = train(cfg, rank, world)
     if args.export and rank == 0:
         export_pipeline(cfg, trainer, args.export)

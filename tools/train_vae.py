@@ -8,10 +8,10 @@ weights, fitted ``scaling_factor``).
 """
 
 import argparse
-import os
 
 import mindspore as ms
 
+from mindone_lumina.training import data_parallel_world
 from mindone_lumina.vae_training import VAETrainConfig, export_vae, train_vae
 
 
@@ -26,13 +26,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = VAETrainConfig.from_yaml(args.config, output=args.output, data=args.data, steps=args.steps)
     ms.set_device(args.device)
-    rank, world = 0, 1
-    if int(os.environ.get("MS_WORKER_NUM", "1")) > 1:  # launched by msrun: data parallel, one shard per rank
-        from mindspore.communication import get_group_size, get_rank, init
-
-        init()
-        rank, world = get_rank(), get_group_size()
-        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
+    rank, world = data_parallel_world()
     trainer = train_vae(cfg, rank, world)
     if args.export and rank == 0:
         factor = export_vae(cfg, trainer, args.export)
