@@ -218,6 +218,24 @@ class Dataset:
         self.groups = bucket_groups([z.shape for z in self.latents])  # once: batch_indices runs every step
 
 
+def read_images(data: str, rows: list, bucket_list: list, log=print) -> tuple:
+    """The readable images of ``rows`` (captions.jsonl entries) at their nearest bucket: (images, their rows, counts
+    of skipped ones by reason). None readable raises ``ValueError``."""
+    images, kept, skipped = [], [], {}
+    for row in rows:
+        img = load_image(os.path.join(data, row["image"]), bucket_list)
+        if isinstance(img, str):
+            skipped[img] = skipped.get(img, 0) + 1
+            continue
+        images.append(img)
+        kept.append(row)
+    if not images:
+        raise ValueError(f"{data}: none of the {len(rows)} images could be read at buckets {bucket_list}")
+    if skipped:
+        log(f"skipped images: {skipped}")
+    return images, kept, skipped
+
+
 def prepare_data(cfg: TrainConfig, tokenizer, encoder, vae=None, log=print) -> Dataset:
     """Read images and captions once and cache their latents and Gemma features under ``output/cache``.
 
@@ -249,18 +267,8 @@ def prepare_data(cfg: TrainConfig, tokenizer, encoder, vae=None, log=print) -> D
         log(f"reusing cached latents and caption features {path}")
         return _dataset_from_arrays(load_file(path))
 
-    images, captions, skipped = [], [], {}
-    for row in rows:
-        img = load_image(os.path.join(cfg.data, row["image"]), bucket_list)
-        if isinstance(img, str):
-            skipped[img] = skipped.get(img, 0) + 1
-            continue
-        images.append(img)
-        captions.append(row["caption"])
-    if not images:
-        raise ValueError(f"{cfg.data}: none of the {len(rows)} images could be read at buckets {bucket_list}")
-    if skipped:
-        log(f"skipped images: {skipped}")
+    images, kept, skipped = read_images(cfg.data, rows, bucket_list, log)
+    captions = [row["caption"] for row in kept]
     arrays = {f"latent.{i}": z for i, z in enumerate(_latents(images, vae))}
     feats, mask = _encode_unique(tokenizer, encoder, captions + [""], cfg.max_caption_tokens)
     arrays.update(cap_feats=feats[:-1], cap_mask=mask[:-1], empty_feats=feats[-1], empty_mask=mask[-1])

@@ -15,7 +15,6 @@ the denoiser sees latents of unit variance, as the SD VAEs' factors were chosen.
 """
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,8 +32,8 @@ from .training import (
     bucket_groups,
     buckets,
     fit,
-    load_image,
     read_captions,
+    read_images,
 )
 
 
@@ -89,18 +88,7 @@ class Images:
 def load_images(cfg: Recipe, log=print) -> Images:
     """Every readable image of ``cfg.data`` (captions.jsonl lists them) at its nearest bucket."""
     bucket_list = buckets(cfg.resolution, cfg.aspect_ratios, cfg.bucket_multiple)
-    rows = read_captions(cfg.data)
-    images, skipped = [], {}
-    for row in rows:
-        img = load_image(os.path.join(cfg.data, row["image"]), bucket_list)
-        if isinstance(img, str):
-            skipped[img] = skipped.get(img, 0) + 1
-        else:
-            images.append(img)
-    if not images:
-        raise ValueError(f"{cfg.data}: none of the {len(rows)} images could be read at buckets {bucket_list}")
-    if skipped:
-        log(f"skipped images: {skipped}")
+    images, _, skipped = read_images(cfg.data, read_captions(cfg.data), bucket_list, log)
     return Images(images, skipped)
 
 
