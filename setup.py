@@ -21,6 +21,17 @@ setup(
     ],
     extras_require={
         # The PyTorch reference. Install torch==2.13.0 (CPU build) *before* this extra: pip must not pick a CUDA build.
-        "test": ["torch==2.13.0", "diffusers==0.35.2", "pytest", "ruff==0.17.6", "tokenizers", "matplotlib"],
+        # torchdiffeq: the solvers' reference; fairscale: runs the original Lumina-T2I code in
+        # tests/fixtures/make_fixtures.py.
+        "test": [
+            "torch==2.13.0",
+            "diffusers==0.35.2",
+            "torchdiffeq==0.2.5",
+            "fairscale==0.4.13",
+            "pytest",
+            "ruff==0.17.6",
+            "tokenizers",
+            "matplotlib",
+        ],
     },
 )

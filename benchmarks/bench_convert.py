@@ -25,7 +25,10 @@ import time
 import numpy as np
 import torch
 
-from mindone_lumina import checkpoint_io, nextdit, nextdit_weights
+from mindone_lumina.models.nextdit import PRESETS, NextDiT
+from mindone_lumina.weights.load import empty, param_shapes
+from mindone_lumina.weights.safetensors import SafetensorsFile, write_safetensors
+from mindone_lumina.weights.tensors import TensorSpec
 
 CLI = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "convert.py")
 ARCH = "nextdit-2b-gqa"
@@ -34,19 +37,19 @@ ARCH = "nextdit-2b-gqa"
 def synthetic_checkpoint(folder: str) -> tuple[str, int, int]:
     """Write ``consolidated.00-of-01.safetensors``; returns (path, total bytes, largest tensor bytes)."""
     tile = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)
-    shapes = nextdit_weights.param_shapes(nextdit.PRESETS[ARCH])
+    shapes = param_shapes(empty(NextDiT, PRESETS[ARCH]))
     specs = [
-        checkpoint_io.TensorSpec(name, shape, "float32", lambda shape=shape: np.resize(tile, shape))
+        TensorSpec(name, shape, "float32", lambda shape=shape: np.resize(tile, shape))
         for name, shape in sorted(shapes.items())
     ]
     path = os.path.join(folder, "consolidated.00-of-01.safetensors")
-    checkpoint_io.write_safetensors(path, specs, {"format": "pt"})
+    write_safetensors(path, specs, {"format": "pt"})
     return path, sum(s.nbytes for s in specs), max(s.nbytes for s in specs)
 
 
 def as_pth(safetensors_path: str, folder: str) -> str:
     """The same tensors through ``torch.save`` (copy-on-write memory maps of the safetensors file, no full copy)."""
-    reader = checkpoint_io.SafetensorsFile(safetensors_path)
+    reader = SafetensorsFile(safetensors_path)
     state = {}
     for key in reader.keys():
         _, shape, begin, end = reader._entries[key]
@@ -81,7 +84,8 @@ def run(args: list) -> tuple[float, float, float]:
 def baseline_rss() -> float:
     """Peak RSS of a process that only imports the converter and builds the 2B parameter table (MB)."""
     setup = (
-        f"from mindone_lumina import nextdit, nextdit_weights; nextdit_weights.param_shapes(nextdit.PRESETS[{ARCH!r}])"
+        "from mindone_lumina import components; from mindone_lumina.models.nextdit import PRESETS, NextDiT; "
+        f"from mindone_lumina.weights.load import empty, param_shapes; param_shapes(empty(NextDiT, PRESETS[{ARCH!r}]))"
     )
     return _child([f"{setup}; {_PEAK}"])[2]
 

@@ -27,7 +27,8 @@ import mindspore as ms
 from mindspore import Tensor
 from mindspore.nn.utils import no_init_parameters
 
-from mindone_lumina import backend, flagdit
+from mindone_lumina.dtypes import ms_dtype
+from mindone_lumina.models import flagdit
 
 PRESET = "flagdit-5b"
 CAPTION, VALID = 128, 100
@@ -94,7 +95,7 @@ def main():
 
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
-    dtype = backend.dtype_from_name(args.dtype)
+    dtype = ms_dtype(args.dtype)
     t0 = time.perf_counter()
     model = build(cfg, dtype)
     setup = time.perf_counter() - t0

@@ -49,7 +49,7 @@ def run_torch(args) -> dict:
     import torch
     from transformers import GemmaConfig, GemmaModel
 
-    from mindone_lumina.gemma import PRESETS
+    from mindone_lumina.text.gemma import PRESETS
 
     cfg = PRESETS["gemma-2b"]
     torch.manual_seed(0)
@@ -71,16 +71,17 @@ def run_torch(args) -> dict:
 def run_mindspore(args) -> dict:
     import mindspore as ms
 
-    from mindone_lumina.backend import dtype_from_name
-    from mindone_lumina.gemma import PRESETS, GemmaEncoder
-    from mindone_lumina.layers import cast_parameters
+    from mindone_lumina.dtypes import ms_dtype
+    from mindone_lumina.models.layers import cast_parameters
+    from mindone_lumina.text.decoder import DecoderEncoder
+    from mindone_lumina.text.gemma import PRESETS
 
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device("CPU")
-    encoder = GemmaEncoder(PRESETS["gemma-2b"])  # projections: xavier-uniform random
+    encoder = DecoderEncoder(PRESETS["gemma-2b"])  # projections: xavier-uniform random
     table = encoder.embed_tokens.weight
     table.set_data(ms.Tensor(np.random.default_rng(0).standard_normal(table.shape, dtype=np.float32) * 0.02))
-    cast_parameters(encoder, dtype_from_name(args.dtype))
+    cast_parameters(encoder, ms_dtype(args.dtype))
     ids, mask = inputs(args.batch, args.tokens)
     ids, mask = ms.Tensor(ids.astype(np.int32)), ms.Tensor(mask.astype(np.int32))
 

@@ -25,9 +25,11 @@ from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 import mindspore as ms
 from mindspore import Tensor, mint
 
-from mindone_lumina import nextdit
-from mindone_lumina.convert import rename_from_project
-from mindone_lumina.loading import load_state_dict
+from mindone_lumina.models import nextdit
+from mindone_lumina.weights.load import load_state_dict, param_shapes
+from mindone_lumina.weights.nextdit import DIFFUSERS_RULES
+from mindone_lumina.weights.rules import convert_tensors, export_tensors
+from mindone_lumina.weights.tensors import ArrayCheckpoint
 
 CFG = nextdit.NextDiTConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, qk_norm=True, cap_feat_dim=2048)
 CAPTION = 128
@@ -75,8 +77,9 @@ def build(framework: str):
         num_attention_heads=CFG.n_heads, num_kv_heads=CFG.n_kv_heads, multiple_of=CFG.multiple_of,
         learn_sigma=True, qk_norm=True, cross_attention_dim=CFG.cap_feat_dim,
     ).eval()  # fmt: skip
-    exported = rename_from_project(state, nextdit.DIFFUSERS_RULES)
-    ref.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
+    specs = convert_tensors(ArrayCheckpoint(state), None, param_shapes(model))
+    exported = {s.name: torch.from_numpy(s.fetch()) for s in export_tensors(specs, DIFFUSERS_RULES)}
+    ref.load_state_dict(exported, strict=True)
     return ref
 
 

@@ -33,7 +33,7 @@ def build_reference(folder: str) -> None:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
     from transformers import GemmaConfig, GemmaModel, GemmaTokenizerFast
 
-    from mindone_lumina.gemma import train_tokenizer
+    from mindone_lumina.text.tokenizers import train_tokenizer
 
     torch.manual_seed(0)
     train_tokenizer([PROMPT, "a cat", "a dog on a beach"] * 4, 400).save_pretrained(os.path.join(folder, "tok"))
@@ -119,11 +119,12 @@ def torch_worker(folder: str, size: int, steps: int) -> dict:
 def mindspore_worker(folder: str, size: int, steps: int, denoiser: str = "shared") -> dict:
     import mindspore as ms
 
-    from mindone_lumina.pipeline import LuminaNextPipeline, SampleSettings
+    from mindone_lumina.pipeline import TextToImagePipeline
+    from mindone_lumina.sampling import SampleSettings
 
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
-    ours = LuminaNextPipeline.from_pretrained(os.path.join(folder, "pipe"))
+    ours = TextToImagePipeline.from_pretrained(os.path.join(folder, "pipe"))
     ours.shared_block = denoiser == "shared"
     grid, noise = euler_grid(steps), noise_for(size)
     settings = SampleSettings(height=size, width=size, solver="euler", scaling="always", scale_watershed=1.0)

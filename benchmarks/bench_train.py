@@ -47,8 +47,9 @@ def project_step(precision: str, size: int, tokens: int):
     import mindspore as ms
     from mindspore import Tensor
 
-    from mindone_lumina import nextdit, training
-    from mindone_lumina.loading import load_state_dict
+    from mindone_lumina import training
+    from mindone_lumina.models import nextdit
+    from mindone_lumina.weights.load import load_state_dict
 
     ms.set_context(mode=ms.GRAPH_MODE)
     model = nextdit.NextDiT(nextdit.resolve_config(CONFIG))
@@ -67,8 +68,11 @@ def torch_step(size: int, tokens: int):
     from diffusers import LuminaNextDiT2DModel
     from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 
-    from mindone_lumina import nextdit
-    from mindone_lumina.convert import rename_from_project
+    from mindone_lumina.models import nextdit
+    from mindone_lumina.weights.load import param_shapes
+    from mindone_lumina.weights.nextdit import DIFFUSERS_RULES
+    from mindone_lumina.weights.rules import convert_tensors, export_tensors
+    from mindone_lumina.weights.tensors import ArrayCheckpoint
 
     cfg = nextdit.resolve_config(CONFIG)
     ref = LuminaNextDiT2DModel(
@@ -76,8 +80,10 @@ def torch_step(size: int, tokens: int):
         num_attention_heads=cfg.n_heads, num_kv_heads=cfg.n_kv_heads, multiple_of=cfg.multiple_of,
         learn_sigma=True, qk_norm=True, cross_attention_dim=cfg.cap_feat_dim,
     ).train()  # fmt: skip
-    state = rename_from_project(random_state(nextdit.NextDiT(cfg)), nextdit.DIFFUSERS_RULES)
-    ref.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    model = nextdit.NextDiT(cfg)
+    specs = convert_tensors(ArrayCheckpoint(random_state(model)), None, param_shapes(model))
+    state = {s.name: torch.from_numpy(s.fetch()) for s in export_tensors(specs, DIFFUSERS_RULES)}
+    ref.load_state_dict(state, strict=True)
     params = [p for p in ref.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     ema = [p.detach().clone() for p in params]

@@ -3,8 +3,8 @@
     python benchmarks/bench_vae.py [--repeats 2] [--tile 64] [--cases ms-1024,torch-1024,ms-1024-tiled,...]
 
 Both frameworks decode the same random ``sdxl-vae`` weights (diffusers' default init, saved once to a temporary
-folder; MindSpore reads it through ``vae.load_vae``) on the same N(0, 1) latent, batch 1, fp32. Every case runs in
-its own subprocess so that its peak RSS (``ru_maxrss``) belongs to one framework and one case. Latency is the median
+folder; MindSpore reads it through ``components.load_vae``) on the same N(0, 1) latent, batch 1, fp32. Every case runs
+in its own subprocess so that its peak RSS (``ru_maxrss``) belongs to one framework and one case. Latency is the median
 of ``--repeats`` calls after a first call, which is reported separately (it includes graph compilation); 2048x2048
 cases run once (their first call is the measurement; one compiled tile shape makes compilation a small part). Tiled
 cases use ``--tile`` latent pixels with overlap 0.25 in both frameworks (diffusers: ``enable_tiling`` with
@@ -76,12 +76,13 @@ def run_case(spec: dict) -> dict:
         import mindspore as ms
         from mindspore import Tensor
 
-        from mindone_lumina import vae
+        from mindone_lumina.components import load_vae
+        from mindone_lumina.models.vae import Tiling
 
         ms.set_device("CPU")
         ms.set_context(mode=ms.GRAPH_MODE)
-        model = vae.load_vae(spec["weights"])
-        tiling = vae.Tiling(tile, 0.25) if tiled else None
+        model = load_vae(spec["weights"])
+        tiling = Tiling(tile, 0.25) if tiled else None
         zm = Tensor(z)
 
         def decode():

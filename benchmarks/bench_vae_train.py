@@ -2,7 +2,7 @@
 
     python benchmarks/bench_vae_train.py [--recipe configs/shapes-vae.yaml] [--batch 32] [--repeats 5]
 
-Project: ``training.Trainer.step`` on ``vae_training.VAELoss`` in MindSpore graph mode (encode, posterior sample,
+Project: ``training.Trainer.step`` on ``training.vae.VAELoss`` in MindSpore graph mode (encode, posterior sample,
 decode, MSE + KL, backward, global-norm clipping, ``nn.AdamWeightDecay``, EMA; one compiled graph), fp32. Reference:
 diffusers 0.35.2 ``AutoencoderKL`` in PyTorch eager, the same loss, ``clip_grad_norm_``, ``torch.optim.AdamW`` and an
 EMA ``lerp_``. The VAE, resolution, learning rate, clipping and EMA are the recipe's. Each framework runs in its own
@@ -25,10 +25,10 @@ def initial_state(vae_config) -> dict:
     from it."""
     import mindspore as ms
 
-    from mindone_lumina import vae
+    from mindone_lumina.models.vae import AutoencoderKL
 
     ms.set_seed(0)
-    return {p.name: p.asnumpy() for p in vae.AutoencoderKL(vae_config).get_parameters()}
+    return {p.name: p.asnumpy() for p in AutoencoderKL(vae_config).get_parameters()}
 
 
 def batch(cfg):
@@ -43,13 +43,15 @@ def project_step(cfg):
     import mindspore as ms
     from mindspore import Tensor
 
-    from mindone_lumina import training, vae, vae_training
-    from mindone_lumina.loading import load_state_dict
+    from mindone_lumina import training
+    from mindone_lumina.models.vae import AutoencoderKL
+    from mindone_lumina.training.vae import VAELoss
+    from mindone_lumina.weights.load import load_state_dict
 
     ms.set_context(mode=ms.GRAPH_MODE)
-    model = vae.AutoencoderKL(cfg.vae_config)
+    model = AutoencoderKL(cfg.vae_config)
     load_state_dict(model, initial_state(cfg.vae_config))
-    trainer = training.Trainer(vae_training.VAELoss(model, cfg.kl_weight), cfg)
+    trainer = training.Trainer(VAELoss(model, cfg.kl_weight), cfg)
     args = tuple(Tensor(a) for a in batch(cfg))
     lr = ms.Tensor(cfg.lr, ms.float32)
     return lambda: float(trainer.step(lr, *args)[0].asnumpy())
@@ -68,7 +70,7 @@ def torch_step(cfg):
         mid_block_add_attention=vc.mid_block_add_attention, use_quant_conv=vc.use_quant_conv,
         use_post_quant_conv=vc.use_post_quant_conv,
     ).train()  # fmt: skip
-    state = initial_state(vc)  # the project's names are diffusers' (vae.DIFFUSERS_RULES)
+    state = initial_state(vc)  # the project's names are diffusers' (components.load_vae renames nothing)
     ref.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     params = [p for p in ref.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -91,7 +93,7 @@ def torch_step(cfg):
 
 
 def load_recipe(args):
-    from mindone_lumina.vae_training import VAETrainConfig
+    from mindone_lumina.training.vae import VAETrainConfig
 
     return VAETrainConfig.from_yaml(args.recipe, batch_size=args.batch, output="-", data="-")
 

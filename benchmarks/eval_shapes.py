@@ -16,7 +16,8 @@ import numpy as np
 import mindspore as ms
 
 from mindone_lumina import shapes
-from mindone_lumina.pipeline import DEFAULT_MODEL, LuminaNextPipeline, SampleSettings
+from mindone_lumina.pipeline import DEFAULT_MODEL, TextToImagePipeline
+from mindone_lumina.sampling import SampleSettings
 
 
 def evaluate(pipe, prompts, settings: SampleSettings, seed: int = 0, chunk: int = 24):
@@ -65,7 +66,7 @@ def main():
     args = p.parse_args()
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
-    pipe = LuminaNextPipeline.from_pretrained(args.model)
+    pipe = TextToImagePipeline.from_pretrained(args.model)
     prompts = [shapes.caption(s) for s in shapes.heldout_scenes(args.num, seed=args.seed)]
     evaluate(pipe, prompts[:24], SampleSettings(num_steps=2))  # compile outside the timings
     print(f"# {args.num} held-out prompts, seed {args.seed}, MindSpore {ms.__version__} graph mode, CPU")

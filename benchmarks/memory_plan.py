@@ -17,7 +17,7 @@ An analytic plan, not a measurement. Assumptions (bf16 compute with fp32 master 
 
 import argparse
 
-from mindone_lumina.nextdit import PRESETS
+from mindone_lumina.models.nextdit import PRESETS
 
 GB = 1024**3
 

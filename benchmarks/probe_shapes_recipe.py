@@ -7,12 +7,12 @@
 
 The project's MindSpore training step runs about 5x slower than PyTorch on this 2-core CPU (``bench_train.py``), so a
 recipe is cheaper to probe here and then trained with ``tools/train.py``. The model is diffusers'
-``LuminaNextDiT2DModel`` (the same network as ``nextdit.NextDiT``, parity-tested) initialised as ``nextdit.py``
-does (xavier linears; zero adaLN, final layer, caption projection and cross-attention gates); the data are the cached
-latents and caption features that ``tools/train.py`` wrote, the loss, AdamW, clipping, warm-up + cosine and EMA are
-``training.py``'s. Every ``--eval-every`` steps the EMA weights sample held-out prompts (midpoint, 30 grid points,
-shift 4, CFG 4, as the pipeline's defaults) and ``shapes.score`` reads them back. A probe, not a parity test: its
-numbers say which recipe learns faster, not what the MindSpore run will score.
+``LuminaNextDiT2DModel`` (the same network as ``models.nextdit.NextDiT``, parity-tested) initialised as
+``models/nextdit.py`` does (xavier linears; zero adaLN, final layer, caption projection and cross-attention gates); the
+data are the cached latents and caption features that ``tools/train.py`` wrote, the loss, AdamW, clipping, warm-up +
+cosine and EMA are the ``training`` package's. Every ``--eval-every`` steps the EMA weights sample held-out prompts
+(midpoint, 30 grid points, shift 4, CFG 4, as the pipeline's defaults) and ``shapes.score`` reads them back. A probe,
+not a parity test: its numbers say which recipe learns faster, not what the MindSpore run will score.
 
 ``--latent`` probes a latent-space model instead: a small diffusers ``AutoencoderKL`` (channels 32/64/64, one resnet
 per block, 4 latent channels, 8x8 latents for 32 px) is first trained on the cached images (MSE plus a light KL term,
@@ -33,7 +33,10 @@ from safetensors.numpy import load_file
 
 import mindspore as ms
 
-from mindone_lumina import gemma, sampling, shapes
+from mindone_lumina import sampling, shapes
+from mindone_lumina.components import load_text_encoder
+from mindone_lumina.text.gemma import encode_prompts
+from mindone_lumina.text.tokenizers import load_tokenizer
 
 
 def build_model(args) -> LuminaNextDiT2DModel:
@@ -48,7 +51,7 @@ def build_model(args) -> LuminaNextDiT2DModel:
             torch.nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
-    zero = ("norm1.linear", "norm_out.linear", "caption_embedder.1", "gate")  # nextdit.py's zero-initialised parts
+    zero = ("norm1.linear", "norm_out.linear", "caption_embedder.1", "gate")  # zero-initialised in models/nextdit.py
     for name, param in model.named_parameters():
         if any(part in name for part in zero):
             torch.nn.init.zeros_(param)
@@ -58,8 +61,8 @@ def build_model(args) -> LuminaNextDiT2DModel:
 def eval_features(text_encoder: str, prompts: list):
     """[cond..., uncond...] caption features of ``prompts`` from the project's encoder, as the pipeline encodes."""
     ms.set_device("CPU")
-    tokenizer, encoder = gemma.load_tokenizer(text_encoder), gemma.load_gemma(text_encoder)
-    feats, mask = gemma.encode_prompts(tokenizer, encoder, prompts, negative_prompt="")
+    tokenizer, encoder = load_tokenizer(text_encoder, "gemma"), load_text_encoder(text_encoder)
+    feats, mask = encode_prompts(tokenizer, encoder, prompts, negative_prompt="")
     return torch.from_numpy(feats.asnumpy()), torch.from_numpy(mask.asnumpy()).bool()
 
 
@@ -95,7 +98,7 @@ def encode(vae: AutoencoderKL, images: torch.Tensor) -> tuple:
 
 @torch.no_grad()
 def sample(model, rope, feats, mask, n: int, size: int, cfg: float = 4.0, channels: int = 3) -> torch.Tensor:
-    """Midpoint over the shift-4 grid with CFG on all channels, as ``LuminaNextPipeline`` defaults; (n, C, H, W)."""
+    """Midpoint over the shift-4 grid with CFG on all channels, as ``TextToImagePipeline`` defaults; (n, C, H, W)."""
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((n, channels, size, size)).astype(np.float32))
 
     def velocity(x, t):

@@ -1,16 +1,24 @@
-"""Text-to-image: prompts -> Gemma features -> flow ODE over Next-DiT -> SDXL-VAE decode -> PIL images.
+"""Text-to-image: prompts -> text-encoder features -> flow ODE over the DiT -> VAE decode -> PIL images.
 
-Lumina-T2I (Flag-DiT + LLaMA-2, ``flagdit.py`` / ``llama.py``) runs through the same pipeline: both transformers
-share the ``construct`` contract, and the few family differences (prompt encoding, RoPE scaling) are chosen here by
-the type of the transformer and of the text encoder.
+One pipeline runs both Lumina generations: Lumina-Next (Next-DiT + Gemma) and Lumina-T2I (Flag-DiT + LLaMA-2); the
+family differences (prompt encoding, RoPE scaling) are chosen from the transformer's and the encoder's config.
 
 Time convention and step counting are those of ``sampling.py``. The denoiser is compiled once per resolution: every
 model call of every step and every ``__call__`` at that size reuses it (RoPE tables and timesteps are inputs). On CPU
 graph mode that is one block graph the layers take turns in (``shared_block``), elsewhere one whole-model graph.
+
+Memory: a component may be ``Lazy`` (its config known, its weights read when needed). ``from_pretrained`` makes the
+components lazy when ``offload`` is on: the text encoder is loaded for encoding and released, the transformer is
+loaded after it and kept, the denoiser's compiled graphs are released after sampling (the next call compiles them
+again), the VAE is loaded for decoding and released, so the peak is the largest stage rather than their sum.
+Default: on CPU, for models whose weight files exceed ``OFFLOAD_ABOVE`` bytes (the full-size Lumina-Next fits a
+24 GiB machine only this way; a small model stays resident and compiles its graphs once).
 """
 
+import contextlib
 import dataclasses
-import json
+import gc
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -20,55 +28,18 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from . import backend, flagdit, flagdit_weights, gemma, llama, nextdit, nextdit_weights, sampling
-from . import vae as vae_lib
-from .layers import cast_parameters
-from .loading import load_state_dict
+from . import backend, components, sampling
+from .dtypes import ms_dtype
+from .io import diffusers_io
+from .models import flagdit, nextdit
+from .models import vae as vae_lib
+from .sampling import SampleSettings
+from .text import gemma, llama
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes-demo")
 LATENT_CHANNELS_GUIDED = 3  # the original guides latent channels 0-2 only (see sampling.combine_guidance)
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    """Everything ``__call__`` can vary. Defaults are the original demo's (midpoint, 30 steps, shift 4, cfg 4,
-    time-aware scaled RoPE with watershed 0.3, proportional attention)."""
-
-    height: int | None = None  # pixels; None = the model's training size
-    width: int | None = None
-    num_steps: int = 30  # grid points, as the original (29 midpoint steps); see sampling.py
-    solver: str = "midpoint"
-    schedule: str = "shift"
-    shift: float = 4.0
-    steepness: float = 6.0  # sigmoid schedule only
-    guidance_scale: float = 4.0
-    guide_all_channels: bool = False
-    scaling: str = "original"  # "original": scale RoPE only beyond the training area; "always" (diffusers); "off"
-    smooth_rope: bool = False  # the paper's smooth time-aware formula instead of the released hard switch
-    scale_watershed: float = 0.3
-    proportional_attn: bool = True
-    atol: float = 1e-6  # dopri5 only
-    rtol: float = 1e-3
-
-    def validate(self, multiple: int):
-        if self.height is not None and (self.height < multiple or self.height % multiple):
-            raise ValueError(f"height must be a positive multiple of {multiple}, got {self.height}")
-        if self.width is not None and (self.width < multiple or self.width % multiple):
-            raise ValueError(f"width must be a positive multiple of {multiple}, got {self.width}")
-        if self.num_steps < 2:
-            raise ValueError(
-                f"num_steps counts grid points as the original does and must be >= 2, got {self.num_steps}"
-            )
-        if self.solver not in sampling.SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; valid: {', '.join(sampling.SOLVERS)}")
-        if self.schedule not in sampling.SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(sampling.SCHEDULES)}")
-        if not self.guidance_scale >= 0:
-            raise ValueError(f"guidance scale must be >= 0, got {self.guidance_scale}")
-        if self.scaling not in ("original", "always", "off"):
-            raise ValueError(f"unknown scaling {self.scaling!r}; valid: original, always, off")
-        if not 0.0 <= self.scale_watershed <= 1.0:
-            raise ValueError(f"scale_watershed must be in [0, 1], got {self.scale_watershed}")
+OFFLOAD_ABOVE = 4 << 30
+log = logging.getLogger("mindone_lumina")
 
 
 @dataclass
@@ -78,43 +49,48 @@ class PipelineOutput:
     seconds: dict  # wall time of the stages: "text", "denoise", "decode"
 
 
-class LuminaNextPipeline:
-    """Next-DiT + Gemma + VAE. ``vae=None`` means a pixel-space model (the denoiser's space is the image in [-1, 1]).
+@dataclass
+class Lazy:
+    """A component read from disk when needed: ``cfg`` is known up front, ``load()`` builds the Cell."""
+
+    cfg: object
+    load: object
+    what: str
+
+
+class TextToImagePipeline:
+    """A DiT (``NextDiT`` / ``FlagDiT``), its prompt encoder and tokenizer, and a VAE (None: a pixel-space model,
+    the denoiser's space is the image in [-1, 1]). Components may be ``Lazy`` (module docstring).
 
     Args:
-        transformer: a ``nextdit.NextDiT`` with weights.
-        text_encoder: a ``gemma.GemmaEncoder`` whose width equals the transformer's ``cap_feat_dim``.
-        tokenizer: a Hugging Face Gemma tokenizer with right padding (``gemma.load_tokenizer``).
-        vae: a ``vae.AutoencoderKL`` or None.
         train_size: pixels per side of the training area (1024 for Lumina-Next); the default output size and the
             reference for RoPE extrapolation and proportional attention.
         vae_tiling: decode in tiles (``vae.Tiling``) to bound memory; default: tiles beyond 512x512 pixels.
         shared_block: run a Next-DiT through one compiled block graph (``nextdit.SharedBlockNextDiT``; same numbers,
-            the graph memory of one block). Default: in graph mode without the fused kernels (CPU), where the
-            whole-model graph's memory grows with depth; False: always the whole-model graph.
+            the graph memory of one block). Default: in CPU graph mode, where the whole-model graph's memory grows
+            with depth; False: always the whole-model graph.
+        defaults: the ``SampleSettings`` a call starts from; prompt_template: applied to every prompt ("{}": as is).
     """
 
-    def __init__(
-        self,
-        transformer,
-        text_encoder,
-        tokenizer,
-        vae=None,
-        train_size: int = 1024,
-        vae_tiling=None,
-        shared_block: bool | None = None,
-    ):
+    def __init__(self, transformer, text_encoder, tokenizer, vae=None, train_size: int = 1024, vae_tiling=None,
+                 shared_block: bool | None = None, defaults: SampleSettings = SampleSettings(), prompt_template="{}",
+                 dtype=None):  # fmt: skip
         if text_encoder.cfg.hidden_size != transformer.cfg.cap_feat_dim:
-            raise ValueError(
-                f"text encoder width {text_encoder.cfg.hidden_size} != transformer cap_feat_dim "
-                f"{transformer.cfg.cap_feat_dim}"
-            )
+            raise ValueError(f"text encoder width {text_encoder.cfg.hidden_size} != transformer cap_feat_dim "
+                             f"{transformer.cfg.cap_feat_dim}")  # fmt: skip
         if vae is not None and vae.cfg.latent_channels != transformer.cfg.in_channels:
             raise ValueError(f"VAE latent channels {vae.cfg.latent_channels} != {transformer.cfg.in_channels}")
         self.transformer, self.text_encoder, self.tokenizer, self.vae = transformer, text_encoder, tokenizer, vae
-        self.train_size = train_size
-        self.vae_tiling = vae_tiling
+        self.train_size, self.vae_tiling, self.defaults, self.prompt_template = (
+            train_size,
+            vae_tiling,
+            defaults,
+            prompt_template,
+        )
+        self.dtype = dtype or next(iter(transformer.get_parameters())).dtype
         self.shared_block, self._shared = shared_block, None
+        self.offload = isinstance(text_encoder, Lazy)  # components loaded when used; graphs released after use
+        self.layout = None  # the folder layout ``from_pretrained`` found
 
     @property
     def downsample(self) -> int:
@@ -125,20 +101,9 @@ class LuminaNextPipeline:
         return self.downsample * self.transformer.cfg.patch_size  # 16 for Lumina-Next
 
     # --------------------------------------------------------------------------------------------------------------
-    def __call__(
-        self,
-        prompt,
-        negative_prompt="",
-        seed: int = 0,
-        latents=None,
-        image=None,
-        strength: float = 0.6,
-        grid=None,
-        progress: bool = True,
-        settings: SampleSettings | None = None,
-        callback=None,
-        **overrides,
-    ) -> PipelineOutput:
+    def __call__(self, prompt, negative_prompt="", seed: int = 0, latents=None, image=None, strength: float = 0.6,
+                 grid=None, progress: bool = True, settings: SampleSettings | None = None, callback=None,
+                 **overrides) -> PipelineOutput:  # fmt: skip
         """Generate one image per prompt.
 
         Args:
@@ -149,52 +114,47 @@ class LuminaNextPipeline:
             image: img2img source (PIL images or a (B, 3, H, W) array in [-1, 1]) with ``strength`` in (0, 1].
             grid: an explicit increasing time grid from 0 to 1 instead of ``settings.schedule`` (e.g. ``1 - sigmas``
                 of a diffusers scheduler).
-            settings / overrides: ``SampleSettings`` fields (e.g. ``num_steps=10, solver="euler"``).
-            callback: ``callback(i, t, x)`` after every solver step (as ``sampling.sample``), e.g. to record the
-                trajectory.
+            settings / overrides: ``SampleSettings`` fields (e.g. ``num_steps=10, solver="euler"``) over ``defaults``.
+            callback: ``callback(i, t, x)`` after every solver step (as ``sampling.sample``).
         """
-        settings = dataclasses.replace(settings or SampleSettings(), **overrides)
+        settings = dataclasses.replace(settings or self.defaults, **overrides)
         settings.validate(self.size_multiple)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        height = settings.height or self.train_size
-        width = settings.width or self.train_size
-        cfg = self.transformer.cfg
-        shape = (len(prompts), cfg.in_channels, height // self.downsample, width // self.downsample)
+        height, width = settings.height or self.train_size, settings.width or self.train_size
+        shape = (len(prompts), self.transformer.cfg.in_channels, height // self.downsample, width // self.downsample)
         noise = self._initial_noise(shape, seed, latents)
         if image is not None and not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
 
         start = time.perf_counter()
-        text = llama if isinstance(self.text_encoder, llama.LlamaEncoder) else gemma
-        cap_feats, cap_mask = text.encode_prompts(self.tokenizer, self.text_encoder, prompts, negative_prompt)
-        cap_feats = cap_feats.astype(self._dtype)
+        cap_feats, cap_mask = self.encode_prompts([self.prompt_template.format(p) for p in prompts], negative_prompt)
         seconds = {"text": time.perf_counter() - start}
 
         if grid is None:
             grid = sampling.time_grid(settings.num_steps, settings.schedule, settings.shift, settings.steepness)
-        x = Tensor(noise).astype(self._dtype)
+        x = Tensor(noise).astype(self.dtype)
         if image is not None:
             grid = sampling.truncate_grid(grid, strength)
-            x1 = self.encode_images(image)
-            x = sampling.img2img_start(x, Tensor(x1).astype(self._dtype), float(grid[0]))
-
-        velocity = sampling.cfg_velocity(
-            self._model_fn(cap_feats, cap_mask, height, width, settings),
-            settings.guidance_scale,
-            None if settings.guide_all_channels else LATENT_CHANNELS_GUIDED,
-        )
+            x = sampling.img2img_start(x, Tensor(self.encode_images(image)).astype(self.dtype), float(grid[0]))
+        guided = None if settings.guide_all_channels else LATENT_CHANNELS_GUIDED
+        velocity = sampling.cfg_velocity(self._model_fn(cap_feats, cap_mask, height, width, settings),
+                                         settings.guidance_scale, guided)  # fmt: skip
         start = time.perf_counter()
+        log.info("denoising %dx%d", width, height)
         bar = _progress(sampling.solver_steps(grid, settings.solver), progress)
         kwargs = {"atol": settings.atol, "rtol": settings.rtol} if settings.solver == "dopri5" else {}
 
         def on_step(i, t, x):
             bar.update(1)
+            log.info("step %d t=%.4f", i + 1, t)
             if callback is not None:
                 callback(i, t, x)
 
-        x = sampling.sample(velocity, x, grid, settings.solver, callback=on_step, **kwargs)
+        final = sampling.sample(velocity, x, grid, settings.solver, callback=on_step, **kwargs)
         bar.close()
-        final = x.astype(ms.float32).asnumpy()
+        final = final.astype(ms.float32).asnumpy()
+        if self.offload:  # the denoiser's graph memory, before the VAE needs its own
+            backend.release_compiled(self._shared.block if self._shared is not None else self.transformer)
         seconds["denoise"] = time.perf_counter() - start
         start = time.perf_counter()
         images = self.decode(final)
@@ -202,9 +162,39 @@ class LuminaNextPipeline:
         return PipelineOutput(images, final, seconds)
 
     # --------------------------------------------------------------------------------------------------------------
-    @property
-    def _dtype(self):
-        return self.transformer.x_embedder.weight.dtype
+    @contextlib.contextmanager
+    def _use(self, name: str):
+        """The Cell of component ``name``; a ``Lazy`` one is loaded for the block and released after it."""
+        part = getattr(self, name)
+        if not isinstance(part, Lazy):
+            yield part
+            return
+        log.info("loading %s (%s)", name, part.what)
+        cell = part.load()
+        try:
+            yield cell
+        finally:
+            del cell
+            backend.release_compiled()
+            gc.collect()
+            log.info("released %s", name)
+
+    def load_all(self) -> "TextToImagePipeline":
+        """Load every ``Lazy`` component and keep it (for callers that hold the Cells, e.g. a mindone pipeline)."""
+        for name in ("transformer", "text_encoder", "vae"):
+            part = getattr(self, name)
+            if isinstance(part, Lazy):
+                setattr(self, name, part.load())
+        return self
+
+    def encode_prompts(self, prompts, negative_prompt=""):
+        """(cap_feats in the pipeline dtype, cap_mask) of [prompts..., negatives...], the family's way."""
+        family = llama if isinstance(self.text_encoder.cfg, llama.LlamaConfig) else gemma
+        with self._use("text_encoder") as encoder:
+            log.info("encoding %d prompts", len(prompts))
+            cap_feats, cap_mask = family.encode_prompts(self.tokenizer, encoder, prompts, negative_prompt)
+            del encoder  # the only reference left is the one ``_use`` drops
+        return cap_feats.astype(self.dtype), cap_mask
 
     def _initial_noise(self, shape, seed: int, latents):
         if latents is None:
@@ -216,45 +206,44 @@ class LuminaNextPipeline:
 
     def _model_fn(self, cap_feats, cap_mask, height: int, width: int, settings: SampleSettings):
         """``model_fn(x2, t) -> v2`` for ``sampling.cfg_velocity``; RoPE tables follow the time-aware switch at t."""
-        if isinstance(self.transformer, flagdit.FlagDiT):
-            return self._flagdit_model_fn(cap_feats, cap_mask, height, width, settings)
-        cfg, model = self.transformer.cfg, self.denoiser()
+        model = self.denoiser()
         h, w = height // self.downsample, width // self.downsample
-        if settings.scaling == "off":
-            scaling = nextdit.RopeScaling(base_seqlen=self._base_seqlen() if settings.proportional_attn else None)
+        if isinstance(model.cfg, flagdit.FlagDiTConfig):  # Lumina-T2I's demo settings; the tables do not depend on t
+            ntk = 1.0 if settings.scaling == "off" else flagdit.ntk_factor_for(height, width, self.train_size,
+                                                                                self.size_multiple)  # fmt: skip
+            base = flagdit.attention_base_seqlen(self.train_size, self.size_multiple)
+            scaling = flagdit.RopeScaling(ntk_factor=ntk, base_seqlen=base if settings.proportional_attn else None)
+            tables = flagdit.rope_inputs(model.cfg, h, w, scaling)
+
+            def rope_at(t):
+                return tables
         else:
-            kw = sampling.rope_scaling(
-                height, width, settings.scale_watershed, settings.proportional_attn, settings.scaling,
-                settings.smooth_rope, self.train_size,
-            )  # fmt: skip
-            kw["base_seqlen"] = self._base_seqlen() if settings.proportional_attn else None
-            scaling = nextdit.RopeScaling(**kw)
+            base = self._base_seqlen() if settings.proportional_attn else None
+            if settings.scaling == "off":
+                scaling = nextdit.RopeScaling(base_seqlen=base)
+            else:
+                kw = sampling.rope_scaling(height, width, settings.scale_watershed, settings.proportional_attn,
+                                           settings.scaling, settings.smooth_rope, self.train_size)  # fmt: skip
+                scaling = nextdit.RopeScaling(**{**kw, "base_seqlen": base})
+
+            def rope_at(t):
+                return nextdit.rope_inputs(model.cfg, h, w, t, scaling)
 
         def model_fn(x2, t: float):
-            cos, sin, gain = nextdit.rope_inputs(cfg, h, w, t, scaling)
             t_vec = Tensor(np.full((x2.shape[0],), t, np.float32))
-            return model(x2, t_vec, cap_feats, cap_mask, cos, sin, gain)
-
-        return model_fn
-
-    def _flagdit_model_fn(self, cap_feats, cap_mask, height: int, width: int, settings: SampleSettings):
-        """Lumina-T2I's demo settings: ``ntk_factor`` = area ratio to the training size (``scaling`` "off": 1) and
-        the proportional-attention base (1024/16)^2 + (1024/16) * 2; the tables do not depend on t."""
-        model, multiple = self.transformer, self.size_multiple
-        ntk = 1.0 if settings.scaling == "off" else flagdit.ntk_factor_for(height, width, self.train_size, multiple)
-        base = flagdit.attention_base_seqlen(self.train_size, multiple) if settings.proportional_attn else None
-        scaling = flagdit.RopeScaling(ntk_factor=ntk, base_seqlen=base)
-        cos, sin, gain = flagdit.rope_inputs(model.cfg, height // self.downsample, width // self.downsample, scaling)
-
-        def model_fn(x2, t: float):
-            return model(x2, Tensor(np.full((x2.shape[0],), t, np.float32)), cap_feats, cap_mask, cos, sin, gain)
+            return model(x2, t_vec, cap_feats, cap_mask, *rope_at(t))
 
         return model_fn
 
     def denoiser(self):
-        """The Next-DiT, or the shared-block runner over it (see ``shared_block``), built once."""
-        auto = not backend.use_fused_kernels() and ms.get_context("mode") == ms.GRAPH_MODE
-        if not (self.shared_block or (self.shared_block is None and auto)):
+        """The DiT, or the shared-block runner over a Next-DiT (see ``shared_block``), built once; a ``Lazy``
+        transformer is loaded here and kept."""
+        if isinstance(self.transformer, Lazy):
+            log.info("loading transformer (%s)", self.transformer.what)
+            self.transformer = self.transformer.load()
+        auto = backend.is_cpu() and ms.get_context("mode") == ms.GRAPH_MODE
+        use_shared = self.shared_block or (self.shared_block is None and auto)
+        if not use_shared or not isinstance(self.transformer, nextdit.NextDiT):
             return self.transformer
         if self._shared is None:
             self._shared = nextdit.SharedBlockNextDiT(self.transformer)
@@ -274,73 +263,76 @@ class LuminaNextPipeline:
         tiling = self.vae_tiling
         if tiling is None and latents.shape[2] * latents.shape[3] > 64 * 64:
             tiling = vae_lib.Tiling()  # beyond 512^2 an untiled SDXL decode needs > 20 GB in CPU graph mode
-        return vae_lib.latents_to_images(self.vae, latents, tiling)
+        with self._use("vae") as vae:
+            log.info("decoding")
+            images = vae_lib.latents_to_images(vae, latents, tiling)
+            del vae
+        return images
 
     def encode_images(self, image) -> np.ndarray:
         if self.vae is None:
             return vae_lib.images_to_array(image) if isinstance(image, list | tuple) else np.asarray(image, np.float32)
-        return vae_lib.images_to_latents(self.vae, image)
+        with self._use("vae") as vae:
+            latents = vae_lib.images_to_latents(vae, image)
+            del vae
+        return latents
 
     # --------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, source: str, dtype: str = "fp32", text_encoder: str | None = None, vae: str | None = None):
-        """A local diffusers-layout folder, an original-format checkpoint (plus ``text_encoder`` and ``vae``
-        folders), or a Hugging Face hub id (downloaded when online)."""
-        ms_dtype = backend.dtype_from_name(dtype)
-        backend.check_dtype_supported(ms_dtype)
+    def from_pretrained(cls, source: str, dtype: str = "fp32", text_encoder: str | None = None, vae: str | None = None,
+                        offload: bool | None = None):  # fmt: skip
+        """A local pipeline folder (the diffusers layout, or the project's 0.1 layout), an original-format checkpoint
+        (plus ``text_encoder`` and ``vae`` folders), or a Hugging Face hub id (downloaded when online). The
+        transformer and text encoder are stored in ``dtype`` (fp32, fp16; bf16 on Ascend); the VAE stays fp32.
+        ``offload``: see the module docstring (None: the default there)."""
+        run_dtype = ms_dtype(dtype)
+        backend.check_dtype_supported(run_dtype)
         if not os.path.exists(source):
             source = _download(source)
-        if os.path.isfile(os.path.join(source, "model_index.json")):
-            return cls._from_folder(source, ms_dtype, text_encoder, vae)
-        return cls._from_original(source, ms_dtype, text_encoder, vae)
-
-    @classmethod
-    def _from_folder(cls, folder, dtype, text_encoder=None, vae=None):
-        index = _read_json(os.path.join(folder, "model_index.json"))
-        for part in ("transformer", "text_encoder", "tokenizer"):
-            if not os.path.isdir(os.path.join(folder, part)) and not (part != "transformer" and text_encoder):
-                raise ValueError(f"{folder} is missing the {part}/ component (model_index.json lists {sorted(index)})")
-        has_vae = index.get("vae") not in (None, [None, None]) or vae is not None
-        if has_vae and vae is None and not os.path.isdir(os.path.join(folder, "vae")):
-            raise ValueError(f"{folder} is missing the vae/ component")
-        transformer = load_transformer(os.path.join(folder, "transformer"), dtype)
-        enc_dir = text_encoder or os.path.join(folder, "text_encoder")
-        tok_dir = text_encoder if text_encoder and not os.path.isdir(os.path.join(folder, "tokenizer")) else None
-        encoder = gemma.load_gemma(enc_dir, dtype)
-        tokenizer = gemma.load_tokenizer(tok_dir or os.path.join(folder, "tokenizer"))
-        decoder = vae_lib.load_vae(vae or os.path.join(folder, "vae")) if has_vae else None  # the VAE stays fp32
-        factor = 1 if decoder is None else decoder.cfg.downsample_factor
-        train_size = index.get("train_size", transformer.cfg.patch_size * _sample_size(folder) * factor)
-        return cls(transformer, encoder, tokenizer, decoder, train_size=train_size)
-
-    @classmethod
-    def _from_original(cls, source, dtype, text_encoder, vae):
-        if text_encoder is None or vae is None:
+        folder = diffusers_io.read_pipeline(source) if diffusers_io.is_pipeline(source) else None
+        if folder is None and (text_encoder is None or vae is None):
             raise ValueError(
-                f"{source} is not a diffusers-layout folder (no model_index.json); for an original Lumina-T2X "
-                "checkpoint also pass the text encoder folder (text_encoder=, --text-encoder: Gemma for Lumina-Next, "
-                "LLaMA-2 for Lumina-T2I) and the SDXL-VAE folder (vae=, --vae)"
+                f"{source} is not a pipeline folder (no model_index.json); for an original Lumina-T2X checkpoint also "
+                "pass the text encoder folder (text_encoder=, --text-encoder: Gemma for Lumina-Next, LLaMA-2 for "
+                "Lumina-T2I) and the SDXL-VAE folder (vae=, --vae)"
             )
-        transformer = load_transformer(source, dtype)
-        if isinstance(transformer, flagdit.FlagDiT):
-            encoder, tokenizer = llama.load_llama(text_encoder, dtype), llama.load_tokenizer(text_encoder)
-        else:
-            encoder, tokenizer = gemma.load_gemma(text_encoder, dtype), gemma.load_tokenizer(text_encoder)
-        return cls(transformer, encoder, tokenizer, vae_lib.load_vae(vae))
+        if folder is not None:
+            log.info("reading %s", folder.describe())
+        transformer_src = folder.part("transformer") if folder else source
+        encoder_dir = text_encoder or folder.part("text_encoder")
+        tokenizer_dir = folder.part("tokenizer") if folder and not text_encoder else encoder_dir
+        vae_dir = vae or (folder.part("vae") if folder and folder.has_vae else None)
+        family, cfg, specs = components.transformer_plan(transformer_src)
+        encoder_cfg = components.text_encoder_config(encoder_dir)
+        parts = [transformer_src, encoder_dir] + ([vae_dir] if vae_dir else [])
+        if offload is None:
+            offload = backend.is_cpu() and sum(map(components.weight_bytes, parts)) > OFFLOAD_ABOVE
+        vae_cfg = vae_dir and diffusers_io.component_config(diffusers_io.vae_folder(vae_dir), diffusers_io.vae_config)
+        lazy = {
+            "transformer": Lazy(
+                cfg, lambda: components.build_transformer(family, cfg, specs, run_dtype), transformer_src
+            ),
+            "text_encoder": Lazy(
+                encoder_cfg, lambda: components.load_text_encoder(encoder_dir, run_dtype, encoder_cfg), encoder_dir
+            ),  # fmt: skip
+            "vae": vae_dir and Lazy(vae_cfg, lambda: components.load_vae(vae_dir), vae_dir),
+        }
+        parts = {k: v if v is None or offload else v.load() for k, v in lazy.items()}
+        settings = folder.settings if folder else diffusers_io.ProjectSettings(1024)
+        defaults = SampleSettings(**settings.sampling)
+        pipe = cls(parts["transformer"], parts["text_encoder"], components.load_tokenizer(tokenizer_dir, encoder_cfg),
+                   parts["vae"], settings.train_size, defaults=defaults, prompt_template=settings.prompt_template,
+                   dtype=run_dtype)  # fmt: skip
+        pipe.layout = folder.layout if folder else "original checkpoint"
+        return pipe
 
-
-def _sample_size(folder: str) -> int:
-    """diffusers ``sample_size`` (latent side at the training size) / patch size."""
-    cfg = _read_json(os.path.join(folder, "transformer", "config.json"))
-    return int(cfg.get("sample_size", 128)) // int(cfg.get("patch_size", 2))
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
+    def save_pretrained(self, folder: str) -> None:
+        """Write this pipeline as a folder in the diffusers layout (``io.diffusers_io``) that diffusers, mindone and
+        ``from_pretrained`` load, with its training size, sampling defaults and prompt template."""
+        self.load_all()
+        sampling_defaults = {k: getattr(self.defaults, k) for k in diffusers_io.DEFAULT_SAMPLING}
+        settings = diffusers_io.ProjectSettings(self.train_size, self.prompt_template, sampling_defaults)
+        diffusers_io.save_pipeline(folder, settings, self.transformer, self.text_encoder, self.tokenizer, self.vae)
 
 
 def _download(repo_id: str) -> str:
@@ -362,15 +354,3 @@ def _progress(total, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, disable=not enabled, desc="sampling", unit="step")
-
-
-def load_transformer(path: str, dtype=ms.float32, arch=None):
-    """A Next-DiT from a diffusers ``transformer/`` folder or an original checkpoint (any layout the converter reads),
-    or a Flag-DiT from a Lumina-T2I checkpoint (told apart by its ``eol_token``); the architecture is the one recorded
-    with the weights unless ``arch`` names one."""
-    if flagdit_weights.is_flagdit(path):
-        return flagdit_weights.load_flagdit(path, dtype, arch)
-    cfg = nextdit_weights.resolve(path, arch)
-    model = nextdit.NextDiT(cfg)
-    load_state_dict(model, nextdit_weights.load_nextdit_state(path, cfg), what=path)
-    return cast_parameters(model, dtype)

@@ -1,6 +1,8 @@
-"""2-D rotary position embedding of Next-DiT with frequency- and time-aware scaling, as real cos/sin tables.
+"""Rotary position embedding of the Lumina DiTs as real cos/sin tables: Next-DiT's 2-D RoPE with frequency- and
+time-aware scaling, Flag-DiT's 1-D RoPE, and the proportional-attention gain.
 
-Ported from Lumina-T2X ``lumina_next_t2i_mini/models/nextdit.py`` (``precompute_freqs_cis``, ``apply_rotary_emb``).
+Ported from Lumina-T2X ``lumina_next_t2i_mini/models/nextdit.py`` and ``lumina_t2i/models/model.py``
+(``precompute_freqs_cis``, ``apply_rotary_emb``).
 The original builds complex ``e^{iA}``; MindSpore cannot differentiate complex products, so these functions return
 ``cos A`` and ``sin A`` and ``apply_rope`` rotates adjacent pairs with real arithmetic. All tables are built on the
 host in float64 and handed to the model as float32 inputs, so a new timestep never recompiles a graph.
@@ -18,7 +20,8 @@ from mindspore import Tensor, mint
 
 THETA = 10000.0
 _SWAP = Tensor(np.array([[0.0, 1.0], [1.0, 0.0]], np.float32))  # exchanges the two members of a pair (exactly)
-MAX_GRID = 384  # the original precomputes 384 x 384 patch positions (6144 px per side)
+MAX_GRID = 384  # Next-DiT precomputes 384 x 384 patch positions (6144 px per side)
+FLAGDIT_LENGTH = 40000  # Flag-DiT precomputes 40000 positions (``precompute_freqs_cis(head_dim, 40000)``)
 
 
 def frequencies(head_dim: int, theta: float = THETA, linear_factor: float = 1.0, ntk_factor: float = 1.0):
@@ -84,6 +87,23 @@ def nextdit_rope(
         linear, ntk = time_aware_factors(scale_factor, scale_watershed, timestep)
         freqs = frequencies(head_dim, linear_factor=linear, ntk_factor=ntk)
     return rope_table(freqs, grid_h, grid_w)
+
+
+def flagdit_rope(head_dim: int, seq_len: int, rope_scaling_factor: float = 1.0, ntk_factor: float = 1.0):
+    """Flag-DiT's 1-D tables: cos/sin (L, head_dim/2) float32 of ``omega_k = (theta * ntk)^(-2k / D)`` at positions
+    ``l / rope_scaling_factor`` (Lumina-T2X ``lumina_t2i/models/model.py`` ``precompute_freqs_cis(head_dim, 40000)``).
+
+    Built in float64 like the 2-D tables. The original rounds frequencies and angles to float32 (its pow is not even
+    correctly rounded), so its own angles are off by up to ~2e-7 of their size: 1e-4 rad at 4k tokens.
+    """
+    if seq_len > FLAGDIT_LENGTH:
+        raise ValueError(f"{seq_len} tokens exceed the {FLAGDIT_LENGTH}-position RoPE table of Flag-DiT")
+    if not (rope_scaling_factor > 0 and ntk_factor > 0):
+        raise ValueError(f"RoPE factors must be positive, got {rope_scaling_factor} and ntk {ntk_factor}")
+    exponent = np.arange(0, head_dim, 2, dtype=np.float64)[: head_dim // 2] / head_dim
+    freqs = 1.0 / (THETA * ntk_factor) ** exponent  # (D/2,)
+    angles = np.outer(np.arange(seq_len, dtype=np.float64) / rope_scaling_factor, freqs)  # (L, D/2)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def proportional_attention_gain(seq_len: int, base_seqlen: int | None) -> float:

@@ -16,13 +16,56 @@ NumPy arrays, MindSpore Tensors and torch tensors. Times are Python floats (floa
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 SCHEDULES = ("shift", "uniform", "sigmoid")
 SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
 TRAIN_SIZE = 1024  # training resolution of Lumina-Next-T2I (pixels per side, ~1 Mpx of any aspect ratio)
-BASE_SEQLEN = (TRAIN_SIZE // 16) ** 2  # 4096 image tokens at the training area (VAE /8, patch 2)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Settings of a generation
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SampleSettings:
+    """Everything ``__call__`` can vary. Defaults are the original demo's (midpoint, 30 steps, shift 4, cfg 4,
+    time-aware scaled RoPE with watershed 0.3, proportional attention); a model folder may set its own."""
+
+    height: int | None = None  # pixels; None = the model's training size
+    width: int | None = None
+    num_steps: int = 30  # grid points, as the original (29 midpoint steps); see sampling.py
+    solver: str = "midpoint"
+    schedule: str = "shift"
+    shift: float = 4.0
+    steepness: float = 6.0  # sigmoid schedule only
+    guidance_scale: float = 4.0
+    guide_all_channels: bool = False
+    scaling: str = "original"  # "original": scale RoPE only beyond the training area; "always" (diffusers); "off"
+    smooth_rope: bool = False  # the paper's smooth time-aware formula instead of the released hard switch
+    scale_watershed: float = 0.3
+    proportional_attn: bool = True
+    atol: float = 1e-6  # dopri5 only
+    rtol: float = 1e-3
+
+    def validate(self, multiple: int):
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value < multiple or value % multiple):
+                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value}")
+        if self.num_steps < 2:
+            raise ValueError(
+                f"num_steps counts grid points as the original does and must be >= 2, got {self.num_steps}"
+            )
+        for name, valid in (("solver", SOLVERS), ("schedule", SCHEDULES),
+                            ("scaling", ("original", "always", "off"))):  # fmt: skip
+            if getattr(self, name) not in valid:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+        if not self.guidance_scale >= 0:
+            raise ValueError(f"guidance scale must be >= 0, got {self.guidance_scale}")
+        if not 0.0 <= self.scale_watershed <= 1.0:
+            raise ValueError(f"scale_watershed must be in [0, 1], got {self.scale_watershed}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -124,21 +167,6 @@ def _fixed_grid(step, velocity, x, grid, callback=None, return_trajectory=False)
         if return_trajectory:
             trajectory.append((t1, x))
     return (x, trajectory) if return_trajectory else x
-
-
-def euler(velocity, x, grid, callback=None, return_trajectory=False):
-    """Euler over ``grid``; returns x at ``grid[-1]`` (and ``[(t, x), ...]`` at every grid time if asked)."""
-    return _fixed_grid(euler_step, velocity, x, grid, callback, return_trajectory)
-
-
-def midpoint(velocity, x, grid, callback=None, return_trajectory=False):
-    """Midpoint over ``grid`` (the demo's solver), 2 evaluations per step; returns as ``euler``."""
-    return _fixed_grid(midpoint_step, velocity, x, grid, callback, return_trajectory)
-
-
-def rk4(velocity, x, grid, callback=None, return_trajectory=False):
-    """3/8-rule RK4 over ``grid``, 4 evaluations per step; returns as ``euler``."""
-    return _fixed_grid(rk4_step, velocity, x, grid, callback, return_trajectory)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -327,6 +355,18 @@ def combine_guidance(out, guidance_scale: float, guided_channels: int | None = 3
     if guided_channels is None or guided_channels >= out.shape[1]:
         return guided
     return _concat([guided[:, :guided_channels], cond[:, guided_channels:]], axis=1)
+
+
+def forward_with_cfg(model_fn, x, guidance_scale: float, guided_channels: int | None = 3):
+    """The original ``forward_with_cfg`` calling convention: the first half of ``x`` (2B, C, H, W) is run as
+    ``model_fn(cat[half, half])`` with captions [cond, uncond], and the full batch is returned as the original does:
+    the guided channels repeated for both halves, the unguided ones (channel 3 by default) as each half computed them.
+    """
+    half = x[: x.shape[0] // 2]
+    out = model_fn(_concat([half, half], axis=0))  # (2B, C, H, W)
+    guided = combine_guidance(out, guidance_scale, None)  # (B, C, H, W)
+    k = out.shape[1] if guided_channels is None else guided_channels
+    return _concat([_concat([guided[:, :k], guided[:, :k]], axis=0), out[:, k:]], axis=1)
 
 
 def cfg_velocity(model_fn, guidance_scale: float, guided_channels: int | None = 3):

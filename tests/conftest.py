@@ -8,8 +8,9 @@ import pytest
 
 import mindspore as ms
 
-from mindone_lumina import parity
+from mindone_lumina import parity, sampling
 from mindone_lumina.parity import randomize_torch_  # noqa: F401  (the tests import it from here)
+from mindone_lumina.tolerances import BUDGETS  # noqa: F401  (the tests import it from here)
 
 ms.set_device("CPU")
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -23,21 +24,31 @@ def rel_err(actual, reference) -> float:
     return float(np.linalg.norm(actual - reference) / np.linalg.norm(reference))
 
 
+@pytest.fixture(autouse=True)
+def _restore_mode():
+    """Every test leaves MindSpore's execution mode as it found it, whatever it or the code under test sets."""
+    previous = ms.get_context("mode")
+    yield
+    ms.set_context(mode=previous)
+
+
 @pytest.fixture(params=list(MODES))
 def mode(request):
     """Run the test in MindSpore graph mode and in PyNative."""
-    previous = ms.get_context("mode")
     ms.set_context(mode=MODES[request.param])
-    yield request.param
-    ms.set_context(mode=previous)
+    return request.param
 
 
 @pytest.fixture
 def pynative():
-    previous = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=previous)
+
+
+def forward_with_cfg(family, model, x, t, cap_feats, cap_mask, cfg_scale, scaling=None, guided_channels=3):
+    """The original ``forward_with_cfg`` of a DiT family module (``models.nextdit`` / ``models.flagdit``)."""
+    scaling = family.RopeScaling() if scaling is None else scaling
+    run = lambda x2: family.forward(model, x2, t, cap_feats, cap_mask, scaling)  # noqa: E731
+    return sampling.forward_with_cfg(run, x, cfg_scale, guided_channels)
 
 
 SENTENCES = [
@@ -47,14 +58,6 @@ SENTENCES = [
     "一个红色的圆圈在蓝色的背景上",
     "a happy dog 🐶 under the sun ☀️",
 ]
-
-
-def make_tokenizer_dir(folder: str, vocab_size: int = 300, sentences=SENTENCES) -> str:
-    """``gemma.train_tokenizer`` on ``sentences``, saved to ``folder`` (padding side is not saved: set it on load)."""
-    from mindone_lumina.gemma import train_tokenizer
-
-    train_tokenizer(sentences, vocab_size).save_pretrained(folder)
-    return folder
 
 
 def load_tool(name: str):

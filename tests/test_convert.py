@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, randomize_torch_, rel_err
+from conftest import BUDGETS, FIXTURES, randomize_torch_, rel_err
 from diffusers import LuminaNextDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 from safetensors.numpy import save_file
@@ -28,11 +28,16 @@ from safetensors.torch import load_file as torch_load_file
 import mindspore as ms
 from mindspore import Tensor
 
-from mindone_lumina import checkpoint_io, nextdit, nextdit_weights
-from mindone_lumina.convert import RuleTable, convert_tensors
-from mindone_lumina.loading import load_state_dict
+from mindone_lumina import atomic, components
+from mindone_lumina.io import diffusers_io
+from mindone_lumina.models import nextdit
+from mindone_lumina.weights import checkpoints, tensors, torch_pickle
+from mindone_lumina.weights.load import load_state_dict
+from mindone_lumina.weights.nextdit import NEXTDIT
+from mindone_lumina.weights.rules import RuleTable, convert_tensors
+from mindone_lumina.weights.safetensors import SafetensorsFile, write_safetensors
 
-FP32_BUDGET, BF16_BUDGET = 1e-5, 1.5e-2
+FP32_BUDGET, BF16_BUDGET = BUDGETS["fp32"]["transformer"], BUDGETS["bf16"]["transformer"]
 ORIGINAL = os.path.join(FIXTURES, "original-nextdit-tiny")
 DIFFUSERS_KW = dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2, multiple_of=16,
                     cross_attention_dim=32, qk_norm=True, learn_sigma=True)  # fmt: skip
@@ -47,8 +52,13 @@ _spec.loader.exec_module(cli)
 pytestmark = pytest.mark.usefixtures("pynative")
 
 
+def load_state(path, arch=None, **kw):
+    """Project name -> array of any Next-DiT checkpoint: the converter's plan, read whole."""
+    return {s.name: s.fetch() for s in components.transformer_plan(path, arch, **kw)[2]}
+
+
 def _original_state():
-    return checkpoint_io.read_state_dict(os.path.join(ORIGINAL, "consolidated.00-of-01.safetensors"))
+    return checkpoints.read_state_dict(os.path.join(ORIGINAL, "consolidated.00-of-01.safetensors"))
 
 
 def _load_converted(path, cfg):
@@ -112,7 +122,7 @@ def test_original_to_mindspore_forward_matches_original_code(source, tmp_path):
     got = nextdit.forward(model, *(Tensor(io[k]) for k in ("x", "t", "cap_feats", "cap_mask"))).asnumpy()
     assert rel_err(got, io["out"]) <= FP32_BUDGET
     # the in-memory path (tools/forward.py) reads the same source to the same weights
-    state = nextdit_weights.load_nextdit_state(src, allow_inexact_merge=bool(extra))
+    state = load_state(src, allow_inexact_merge=bool(extra))
     assert all(np.array_equal(state[k], v) for k, v in _original_state().items())
 
 
@@ -120,19 +130,19 @@ def test_model_parallel_checks(tmp_path):
     src = str(tmp_path / "ranks")
     _write_ranks(src, _original_state(), 2, "safetensors")
     with pytest.raises(ValueError, match=r"per-rank qk LayerNorms \(layers\.0\.attention\.k_norm"):
-        nextdit_weights.load_nextdit_state(src)  # refused unless asked: the merged LayerNorm is another function
+        load_state(src)  # refused unless asked: the merged LayerNorm is another function
 
     rank1 = os.path.join(src, "consolidated.01-of-02.safetensors")
-    reader = checkpoint_io.SafetensorsFile(rank1)
+    reader = SafetensorsFile(rank1)
     part = {k: reader.read(k) for k in reader.keys()}
     part["pad_token"] = part["pad_token"] + 1  # replicated tensors must be equal on every rank
     save_file(part, rank1)
     with pytest.raises(ValueError, match=r"'pad_token' should be replicated .*consolidated\.01-of-02"):
-        nextdit_weights.load_nextdit_state(src, allow_inexact_merge=True)
+        load_state(src, allow_inexact_merge=True)
 
     os.remove(rank1)
     with pytest.raises(ValueError, match=r"shard\(s\) missing: \['consolidated\.01-of-02\.safetensors'\]"):
-        nextdit_weights.load_nextdit_state(src)
+        load_state(src)
 
 
 def test_ema_weights_are_picked_with_ema(tmp_path):
@@ -141,13 +151,13 @@ def test_ema_weights_are_picked_with_ema(tmp_path):
     save_file({k: v + 1 for k, v in state.items()}, str(tmp_path / "consolidated_ema.00-of-01.safetensors"))
     shutil.copy(os.path.join(ORIGINAL, "model_args.json"), tmp_path)
     cli.main([str(tmp_path), str(tmp_path / "ema.safetensors"), "--ema"])
-    ema = checkpoint_io.read_state_dict(str(tmp_path / "ema.safetensors"))
+    ema = checkpoints.read_state_dict(str(tmp_path / "ema.safetensors"))
     assert all(np.array_equal(ema[k], v + 1) for k, v in state.items())
-    assert nextdit_weights.detect_config(str(tmp_path / "ema.safetensors")) == nextdit.resolve_config(
+    assert NEXTDIT.recorded_config(str(tmp_path / "ema.safetensors")) == nextdit.resolve_config(
         os.path.join(ORIGINAL, "model_args.json")
     )  # recorded in the output's metadata
     with pytest.raises(ValueError, match="no consolidated_ema"):
-        nextdit_weights.load_nextdit_state(os.path.join(ORIGINAL), ema=True)
+        load_state(os.path.join(ORIGINAL), ema=True)
 
 
 def test_original_round_trip_is_bit_exact(tmp_path):
@@ -230,8 +240,8 @@ def test_diffusers_to_mindspore_forward_matches_diffusers(variant, diffusers_mod
     out = str(tmp_path / "nextdit.safetensors")
     cli.main([str(tmp_path / "pipe"), out, "--verify"])  # architecture from transformer/config.json
 
-    cfg = nextdit_weights.detect_config(str(tmp_path / "pipe"))
-    assert cfg == nextdit_weights.config_from_diffusers(dict(ref.config))
+    cfg = components.transformer_plan(str(tmp_path / "pipe"))[1]
+    assert cfg == diffusers_io.transformer_config(dict(ref.config))
     x, t, cap, mask = _inputs(cfg)
     model = _load_converted(out, cfg)
     got = nextdit.forward(model, Tensor(x), Tensor(t), Tensor(cap), Tensor(mask)).asnumpy()
@@ -259,20 +269,36 @@ def test_diffusers_round_trip_and_export_loads_in_diffusers(diffusers_model, tmp
     assert {k: v for k, v in reloaded.config.items() if not k.startswith("_") and k != "sample_size"} == {
         k: v for k, v in ref.config.items() if not k.startswith("_") and k != "sample_size"
     }
-    cfg = nextdit_weights.config_from_diffusers(dict(ref.config))
+    cfg = diffusers_io.transformer_config(dict(ref.config))
     x, t, cap, mask = _inputs(cfg)
     expected = _diffusers_forward(ref.float(), cfg, x, t, cap, mask)
     assert rel_err(_diffusers_forward(reloaded.float(), cfg, x, t, cap, mask), expected) <= FP32_BUDGET
 
 
-def test_diffusers_copies_must_agree(diffusers_model, tmp_path):
-    state = {k: v.float().numpy().copy() for k, v in diffusers_model.state_dict().items()}
-    state["layers.1.attn2.to_q.weight"][0, 0] += 1.0
-    save_file(state, str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    with open(tmp_path / "config.json", "w") as f:
-        json.dump(dict(diffusers_model.config), f)
-    with pytest.raises(ValueError, match=r"layers\.1\.attn2\.to_q\.weight should be an exact copy of layers\.1\.attn1"):
-        nextdit_weights.load_nextdit_state(str(tmp_path))
+def test_untied_diffusers_queries_load_as_separate_cross_attention(diffusers_model, tmp_path):
+    """A diffusers model whose attn2 query differs from attn1's (as diffusers trains both) converts to a model with
+    its own cross-attention query that equals diffusers' forward, exports back to diffusers bit for bit, and is
+    refused by the original layout (it has one query)."""
+    untied = copy.deepcopy(diffusers_model)
+    with torch.no_grad():
+        untied.layers[1].attn2.to_q.weight.add_(0.05 * torch.randn(untied.layers[1].attn2.to_q.weight.shape))
+        untied.layers[0].attn2.norm_q.weight.add_(0.1)
+    untied.save_pretrained(tmp_path / "src")
+    out, back = str(tmp_path / "ms.safetensors"), str(tmp_path / "back")
+    cli.main([str(tmp_path / "src"), out, "--verify"])
+    cfg = NEXTDIT.recorded_config(out)
+    assert cfg.separate_cross_query
+    model = _load_converted(out, cfg)
+    x, t, cap, mask = _inputs(cfg)
+    got = nextdit.forward(model, Tensor(x), Tensor(t), Tensor(cap), Tensor(mask)).asnumpy()
+    assert rel_err(got, _diffusers_forward(untied, cfg, x, t, cap, mask)) <= FP32_BUDGET
+    assert rel_err(got, _diffusers_forward(diffusers_model, cfg, x, t, cap, mask)) > 1e-3  # the copies matter
+    cli.main([out, back, "--to", "diffusers", "--verify"])
+    source = torch_load_file(str(tmp_path / "src" / "diffusion_pytorch_model.safetensors"))
+    result = torch_load_file(os.path.join(back, "transformer", "diffusion_pytorch_model.safetensors"))
+    assert sorted(result) == sorted(source) and all(torch.equal(result[k], v) for k, v in source.items())
+    with pytest.raises(ValueError, match="has one query projection"):
+        cli.main([out, str(tmp_path / "original"), "--to", "original"])
 
 
 def test_pth_reader_matches_torch_for_dtypes_and_views(tmp_path):
@@ -281,7 +307,7 @@ def test_pth_reader_matches_torch_for_dtypes_and_views(tmp_path):
     tensors = {"t": base.t(), "slice": base[2:5, 1:7], "row": base[3], "bf16": base.to(torch.bfloat16),
                "fp16": base.half(), "int64": torch.arange(5), "bool": base > 0, "empty": base[:0]}  # fmt: skip
     torch.save(tensors, tmp_path / "x.pth")
-    reader = checkpoint_io.open_checkpoint(str(tmp_path / "x.pth"))
+    reader = checkpoints.open_checkpoint(str(tmp_path / "x.pth"))
     assert sorted(reader.keys()) == sorted(tensors)
     for k, v in tensors.items():
         expected = (v.float() if v.dtype == torch.bfloat16 else v).numpy()  # bf16 arrives widened, exactly
@@ -313,9 +339,9 @@ def test_malicious_pickle_is_refused_and_runs_nothing(module, name, tmp_path):
     path = tmp_path / "consolidated.00-of-01.pth"
     _torch_zip(path, payload)
     with pytest.raises(ValueError, match=rf"refused to unpickle the global {module}\.{name}"):
-        checkpoint_io.open_checkpoint(str(path))
+        checkpoints.open_checkpoint(str(path))
     with pytest.raises(ValueError, match="refused to unpickle"):
-        checkpoint_io.read_pickle(str(path))  # the model_args.pth path too
+        torch_pickle.read_pickle(str(path))  # the model_args.pth path too
     assert not marker.exists()
     pickle.loads(payload)  # the payload is live: unrestricted unpickling runs it
     assert marker.exists()
@@ -326,7 +352,7 @@ def test_legacy_plain_pickle_is_not_unpickled(tmp_path):
     path = tmp_path / "model.pth"
     path.write_bytes(_payload("os", "system", marker))
     with pytest.raises(ValueError, match="legacy .* non-zip"):
-        checkpoint_io.open_checkpoint(str(path))
+        checkpoints.open_checkpoint(str(path))
     assert not marker.exists()
 
 
@@ -337,7 +363,7 @@ def test_model_args_pth_is_read_without_torch_load(tmp_path):
     torch.save(
         argparse.Namespace(model="NextDiT_2B_GQA_patch2", qk_norm=True, image_size=1024), tmp_path / "model_args.pth"
     )
-    assert nextdit_weights.detect_config(str(tmp_path)) == nextdit.PRESETS["nextdit-2b-gqa"]
+    assert NEXTDIT.recorded_config(str(tmp_path)) == nextdit.PRESETS["nextdit-2b-gqa"]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -357,7 +383,7 @@ def test_git_lfs_pointer_is_named(name, tmp_path):
         shutil.copy(os.path.join(ORIGINAL, "model_args.json"), tmp_path)
     (tmp_path / name).write_text(LFS_POINTER)
     with pytest.raises(ValueError, match=rf"{name} is a git-LFS pointer file, not the weights of 6\.51 GB"):
-        nextdit_weights.load_nextdit_state(str(tmp_path))
+        load_state(str(tmp_path))
 
 
 @pytest.mark.parametrize("ext", ["safetensors", "pth"])
@@ -366,7 +392,7 @@ def test_truncated_file(ext, tmp_path):
     path = tmp_path / f"consolidated.00-of-01.{ext}"
     path.write_bytes(data[: len(data) - 1000])
     with pytest.raises(ValueError, match=rf"consolidated\.00-of-01\.{ext} is truncated"):
-        nextdit_weights.load_nextdit_state(str(tmp_path), os.path.join(ORIGINAL, "model_args.json"))
+        load_state(str(tmp_path), os.path.join(ORIGINAL, "model_args.json"))
 
 
 def test_corrupt_safetensors_header(tmp_path):
@@ -375,7 +401,7 @@ def test_corrupt_safetensors_header(tmp_path):
     path = tmp_path / "broken.safetensors"
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"broken\.safetensors: corrupt safetensors header"):
-        checkpoint_io.open_checkpoint(str(path))
+        checkpoints.open_checkpoint(str(path))
 
 
 def test_missing_shard_of_an_index(diffusers_model, tmp_path):
@@ -384,7 +410,7 @@ def test_missing_shard_of_an_index(diffusers_model, tmp_path):
         shard = sorted(set(json.load(f)["weight_map"].values()))[-1]
     os.remove(tmp_path / shard)
     with pytest.raises(ValueError, match=rf"names shard\(s\) missing .*\['{shard}'\]"):
-        nextdit_weights.load_nextdit_state(str(tmp_path))
+        load_state(str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -418,16 +444,14 @@ def test_existing_output_needs_force_and_failed_writes_leave_nothing(tmp_path):
         cli.main([ORIGINAL, str(out)])
     assert out.read_bytes() == b"precious"
     cli.main([ORIGINAL, str(out), "--force"])
-    assert len(checkpoint_io.SafetensorsFile(str(out)).keys()) == len(_original_state())
+    assert len(SafetensorsFile(str(out)).keys()) == len(_original_state())
 
     def fail():
         raise RuntimeError("interrupted")
 
-    spec = checkpoint_io.TensorSpec("a", (2,), "float32", lambda: np.zeros(2, np.float32))
+    spec = tensors.TensorSpec("a", (2,), "float32", lambda: np.zeros(2, np.float32))
     with pytest.raises(RuntimeError, match="interrupted"):
-        checkpoint_io.write_safetensors(
-            str(tmp_path / "new.safetensors"), [spec, dataclasses.replace(spec, name="b", fetch=fail)]
-        )
+        write_safetensors(str(tmp_path / "new.safetensors"), [spec, dataclasses.replace(spec, name="b", fetch=fail)])
     assert sorted(os.listdir(tmp_path)) == ["out.safetensors"]  # no partial file, no temporary left behind
 
 
@@ -442,7 +466,7 @@ def test_any_rule_table_drives_the_conversion(tmp_path):
                   "enc.bias1": "b.safetensors"}  # fmt: skip
     with open(tmp_path / "model.safetensors.index.json", "w") as f:
         json.dump({"weight_map": weight_map}, f)
-    reader = checkpoint_io.open_checkpoint(str(tmp_path))
+    reader = checkpoints.open_checkpoint(str(tmp_path))
     specs = convert_tensors(reader, table, {"net.w": (3, 4), "net.b0": (4,), "net.b1": (4,)}, dtype="fp32")
     assert [(s.name, s.dtype) for s in specs] == [("net.b0", "float32"), ("net.b1", "float32"), ("net.w", "float32")]
     assert np.array_equal(specs[2].fetch(), w) and np.array_equal(specs[0].fetch(), np.ones(4))
@@ -454,13 +478,13 @@ def test_staged_folder_publishes_only_on_success(tmp_path):
     """Every exporter writes through ``staged_folder``: the folder appears whole and world-readable, or not at all."""
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk full"):
-        with checkpoint_io.staged_folder(str(out)) as tmp:
+        with atomic.staged_folder(str(out)) as tmp:
             Path(tmp, "half.json").write_text("{")
             raise RuntimeError("disk full")
     assert not out.exists() and os.listdir(tmp_path) == []  # nothing half-written, no temporary left behind
-    with checkpoint_io.staged_folder(str(out)) as tmp:
+    with atomic.staged_folder(str(out)) as tmp:
         Path(tmp, "a.json").write_text("{}")
     assert os.listdir(out) == ["a.json"] and os.stat(out).st_mode & 0o777 == 0o755
     with pytest.raises(ValueError, match=f"{out} exists and is not empty"):
-        with checkpoint_io.staged_folder(str(out)):
+        with atomic.staged_folder(str(out)):
             pass

@@ -1,16 +1,30 @@
-"""Regression test of the shipped default model (mindone_lumina/assets/shapes-demo): it loads strictly, stays under
-20 MB, and a graph-mode generation at the default settings for the first held-out prompts follows them as well as
-benchmarks/README.md says the shipped weights do. Not a retraining: it catches weights, pipeline or detector changes
-that break the model, with a margin below the measured scores for small numeric differences between machines."""
+"""The shipped default model (mindone_lumina/assets/shapes-demo): a diffusers-layout folder that diffusers loads and
+whose transformer computes what the project's does; it stays under 20 MB; a graph-mode generation at the default
+settings for the first held-out prompts follows them as well as benchmarks/README.md says the shipped weights do (a
+regression test, with a margin below the measured scores for small numeric differences between machines). Also: a
+folder in the project's 0.1 layout (how this model used to ship) is still read, said to be that layout, and rewritten
+bit for bit by tools/convert.py."""
 
+import json
 import os
+import shutil
 
 import numpy as np
+import torch
+from conftest import BUDGETS, load_tool, rel_err
+from diffusers import LuminaPipeline
+from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+from safetensors.numpy import load_file
 
 import mindspore as ms
+from mindspore import Tensor
 
-from mindone_lumina import shapes
-from mindone_lumina.pipeline import DEFAULT_MODEL, LuminaNextPipeline, SampleSettings
+from mindone_lumina import components, shapes
+from mindone_lumina.io import diffusers_io
+from mindone_lumina.models import nextdit
+from mindone_lumina.pipeline import DEFAULT_MODEL, SampleSettings, TextToImagePipeline
+from mindone_lumina.weights.nextdit import DIFFUSERS_RULES, NEXTDIT
+from mindone_lumina.weights.safetensors import write_safetensors
 
 NUM_PROMPTS = 24  # the first prompts of benchmarks/eval_shapes.py (held-out combinations, seed 0)
 # measured on these 24 at the default settings: see benchmarks/README.md (default model prompt-following)
@@ -21,10 +35,67 @@ def test_default_model_is_small_and_follows_held_out_prompts():
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(DEFAULT_MODEL) for f in fs)
     assert size <= 20e6
     ms.set_context(mode=ms.GRAPH_MODE)
-    pipe = LuminaNextPipeline.from_pretrained(DEFAULT_MODEL)
+    pipe = TextToImagePipeline.from_pretrained(DEFAULT_MODEL)
+    assert pipe.layout == diffusers_io.DIFFUSERS
     prompts = [shapes.caption(s) for s in shapes.heldout_scenes(NUM_PROMPTS, seed=0)]
     out = pipe(prompts, seed=0, settings=SampleSettings(), progress=False)
     assert out.images[0].size == (32, 32)
     acc = shapes.score(prompts, [np.asarray(im) for im in out.images])
     for key, least in AT_LEAST.items():
         assert acc[key] * NUM_PROMPTS >= least, (key, acc)
+
+
+def test_diffusers_loads_the_default_model_and_computes_what_the_project_does(pynative):
+    ref = LuminaPipeline.from_pretrained(DEFAULT_MODEL)
+    assert ref.scheduler.config.shift == 4.0  # the default schedule's shift, recorded for diffusers' scheduler
+    model = components.load_transformer(DEFAULT_MODEL)
+    cfg = model.cfg
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, cfg.in_channels, 8, 12)).astype(np.float32)  # beyond the 8x8 latent of training
+    t = np.array([0.2, 0.9], np.float32)
+    cap = rng.standard_normal((2, 7, cfg.cap_feat_dim)).astype(np.float32)
+    mask = np.array([[1] * 7, [1] * 3 + [0] * 4], np.int32)
+    got = nextdit.forward(model, *map(Tensor, (x, t, cap, mask))).asnumpy()
+    rope = get_2d_rotary_pos_embed_lumina(cfg.head_dim, 384, 384)
+    with torch.no_grad():
+        args = (torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(cap), torch.from_numpy(mask), rope)
+        want = ref.transformer(*args, cross_attention_kwargs={}, return_dict=False)[0][:, : cfg.in_channels].numpy()
+    assert rel_err(got, want) <= BUDGETS["fp32"]["transformer"]
+
+
+def _project_v0_copy(folder) -> str:
+    """The default model as mindone-lumina 0.1 wrote it: transformer/model.safetensors with the original names,
+    train_size in model_index.json, no scheduler/ or mindone_lumina.json."""
+    shutil.copytree(DEFAULT_MODEL, folder)
+    for extra in ("scheduler", diffusers_io.PROJECT_FILE, "transformer/" + diffusers_io.WEIGHTS_NAME):
+        path = os.path.join(folder, extra)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    cfg, specs = NEXTDIT.plan(os.path.join(DEFAULT_MODEL, "transformer"), components.transformer_plan(DEFAULT_MODEL)[1])
+    write_safetensors(os.path.join(folder, "transformer", "model.safetensors"), specs)
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    index.pop("scheduler")
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump({**index, "train_size": 32}, f)
+    return folder
+
+
+def test_the_0_1_layout_is_read_named_and_rewritten_bit_for_bit(tmp_path, pynative):
+    old = _project_v0_copy(str(tmp_path / "old"))
+    pipe = TextToImagePipeline.from_pretrained(old)
+    assert pipe.layout == diffusers_io.PROJECT_V0 and pipe.train_size == 32
+    assert "tools/convert.py OLD NEW --to diffusers" in diffusers_io.read_pipeline(old).describe()
+    settings = SampleSettings(num_steps=3, solver="euler")
+    new = TextToImagePipeline.from_pretrained(DEFAULT_MODEL)
+    assert np.array_equal(pipe("a red circle", settings=settings, progress=False).latents,
+                          new("a red circle", settings=settings, progress=False).latents)  # fmt: skip
+
+    rewritten = str(tmp_path / "rewritten")
+    load_tool("convert").main([old, rewritten, "--to", "diffusers"])
+    assert diffusers_io.read_pipeline(rewritten).layout == diffusers_io.DIFFUSERS
+    ours = load_file(os.path.join(rewritten, "transformer", diffusers_io.WEIGHTS_NAME))
+    shipped = load_file(os.path.join(DEFAULT_MODEL, "transformer", diffusers_io.WEIGHTS_NAME))
+    assert sorted(ours) == sorted(shipped)
+    assert all(ours[k].dtype == shipped[k].dtype and np.array_equal(ours[k], shipped[k]) for k in shipped)
+    original = load_file(os.path.join(old, "transformer", "model.safetensors"))
+    assert all(np.array_equal(ours[s], v) for k, v in original.items() for s in DIFFUSERS_RULES.sources_of(k))

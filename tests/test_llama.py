@@ -8,16 +8,18 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import SENTENCES, rel_err
+from conftest import BUDGETS, SENTENCES, rel_err
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM, LlamaModel
 
 import mindspore as ms
 from mindspore import Tensor
 
-from mindone_lumina import llama
+from mindone_lumina import components
+from mindone_lumina.text import llama
+from mindone_lumina.text.tokenizers import load_tokenizer, train_tokenizer
 
-FP32_BUDGET = 1e-5
+FP32_BUDGET, FP16_BUDGET = BUDGETS["fp32"]["text_encoder"], BUDGETS["fp16"]["text_encoder"]
 CONFIGS = {
     # multi-head, 2 layers
     "mha": dict(vocab_size=300, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
@@ -44,8 +46,8 @@ def pair(request, tmp_path_factory):
     ref = _hf_model(kw)
     folder = tmp_path_factory.mktemp(f"llama-{request.param}")
     ref.save_pretrained(folder)  # LlamaModel layout: no "model." prefix
-    llama.train_tokenizer(SENTENCES, kw["vocab_size"]).save_pretrained(folder)
-    return ref, llama.load_llama(str(folder)), str(folder)
+    train_tokenizer(SENTENCES, kw["vocab_size"], "llama").save_pretrained(folder)
+    return ref, components.load_text_encoder(str(folder)), str(folder)
 
 
 def _batch(seed, vocab=300, batch=3, seq=9):
@@ -76,7 +78,7 @@ def test_last_hidden_state_padded_batch(pair, mode):
 def test_encode_prompts_as_lumina_t2i(pair, mode):
     """Each prompt tokenized alone with BOS + EOS, right-padded with 0, the LM run without a mask (the demo)."""
     ref, encoder, folder = pair
-    tokenizer = llama.load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, "llama")
     prompts = SENTENCES[:2]
     cap_feats, cap_mask = llama.encode_prompts(tokenizer, encoder, prompts)
     rows = [tokenizer.encode(p) for p in [*prompts, ""]]
@@ -94,13 +96,13 @@ def test_encode_prompts_as_lumina_t2i(pair, mode):
 
 def test_fp16(pair, pynative):
     ref, _, folder = pair
-    encoder = llama.load_llama(folder, ms.float16)
+    encoder = components.load_text_encoder(folder, ms.float16)
     ids, mask = _batch(seed=2)
     out = encoder(Tensor(ids), Tensor(mask))
     assert out.dtype == ms.float16
     with torch.no_grad():
         expected = ref(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask)).last_hidden_state
-    assert rel_err(out.asnumpy(), expected.numpy()) <= 5e-3
+    assert rel_err(out.asnumpy(), expected.numpy()) <= FP16_BUDGET
 
 
 def test_causal_lm_folder_drops_the_head(tmp_path, pynative):
@@ -109,7 +111,7 @@ def test_causal_lm_folder_drops_the_head(tmp_path, pynative):
     torch.manual_seed(3)
     lm = LlamaForCausalLM(HFLlamaConfig(**kw, tie_word_embeddings=False)).eval()
     lm.save_pretrained(tmp_path)
-    encoder = llama.load_llama(str(tmp_path))
+    encoder = components.load_text_encoder(str(tmp_path))
     ids, mask = _batch(seed=4)
     with torch.no_grad():
         expected = lm.model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask))
@@ -120,10 +122,10 @@ def test_bad_weights_and_configs_are_named(pair, tmp_path):
     _, encoder, folder = pair
     other = llama.LlamaConfig(**{**vars(encoder.cfg), "intermediate_size": encoder.cfg.intermediate_size + 8})
     with pytest.raises(ValueError, match=r"mis-shaped keys .*layers.0.mlp.gate_proj.weight"):
-        llama.load_llama(folder, cfg=other)
+        components.load_text_encoder(folder, cfg=other)
     fewer = llama.LlamaConfig(**{**vars(encoder.cfg), "num_hidden_layers": 1})
     with pytest.raises(ValueError, match=r"unexpected keys .*layers.1.input_layernorm.weight"):
-        llama.load_llama(folder, cfg=fewer)
+        components.load_text_encoder(folder, cfg=fewer)
     with open(os.path.join(folder, "config.json")) as f:
         hf = json.load(f)
     with pytest.raises(ValueError, match="rope_scaling"):
@@ -133,12 +135,12 @@ def test_bad_weights_and_configs_are_named(pair, tmp_path):
     with pytest.raises(ValueError, match="multiple of num_key_value_heads 3"):
         llama.LlamaConfig(num_attention_heads=4, num_key_value_heads=3)
     with pytest.raises(ValueError, match="has no tokenizer"):
-        llama.load_tokenizer(str(tmp_path))
+        load_tokenizer(str(tmp_path), "llama")
 
 
 def test_long_prompts_are_refused(pair):
     _, encoder, folder = pair
-    tokenizer = llama.load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, "llama")
     with pytest.raises(ValueError, match=r"prompt 0 is \d+ tokens long; the text encoder reads at most 64"):
         llama.encode_prompts(tokenizer, encoder, [" ".join(SENTENCES * 3)])
     with pytest.raises(ValueError, match="prompt 1 must be a string"):

@@ -7,18 +7,20 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err, tiny_diffusers_pipeline
+from conftest import BUDGETS, rel_err, tiny_diffusers_pipeline
 from diffusers import AutoencoderKL, LuminaNextDiT2DModel, LuminaPipeline
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 
 import mindspore as ms
 from mindspore import Tensor
 
-from mindone_lumina import mindone_adapters, nextdit
-from mindone_lumina import vae as vae_lib
-from mindone_lumina.pipeline import LuminaNextPipeline, SampleSettings
+from mindone_lumina.io import diffusers_io
+from mindone_lumina.io import mindone as mindone_adapters
+from mindone_lumina.models import nextdit
+from mindone_lumina.models import vae as vae_lib
+from mindone_lumina.pipeline import SampleSettings, TextToImagePipeline
 
-BUDGET = 1e-5
+BUDGET = BUDGETS["fp32"]["transformer"]
 PROMPTS = ["a small red circle in the top left", "a large green square on a white background"]
 HEIGHT, WIDTH = 64, 96  # beyond the tiny model's 64x64 training area: RoPE scaling and its time-aware switch act
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
@@ -32,7 +34,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(tiny):
-    return LuminaNextPipeline.from_pretrained(tiny)
+    return TextToImagePipeline.from_pretrained(tiny)
 
 
 def _noise(batch=len(PROMPTS)):
@@ -98,7 +100,7 @@ def test_saved_transformer_loads_in_diffusers(tmp_path, learn_sigma):
                                 in_channels=4, learn_sigma=learn_sigma, qk_norm=True)  # fmt: skip
     model = _randomize_ms_(nextdit.NextDiT(cfg), seed=3)
     folder = str(tmp_path / "transformer")
-    mindone_adapters.save_transformer(model, folder, sample_size=16)
+    diffusers_io.save_component("transformer", folder, model, sample_size=16)
     ref = LuminaNextDiT2DModel.from_pretrained(folder).eval()
 
     rng = np.random.default_rng(4)
@@ -118,7 +120,7 @@ def test_saved_vae_loads_in_diffusers(tmp_path):
     cfg = vae_lib.VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32)
     vae = _randomize_ms_(vae_lib.AutoencoderKL(cfg), seed=5, std=0.2)
     folder = str(tmp_path / "vae")
-    mindone_adapters.save_vae(vae, folder)
+    diffusers_io.save_component("vae", folder, vae)
     ref = AutoencoderKL.from_pretrained(folder).eval()
     z = np.random.default_rng(6).standard_normal((1, 4, 8, 8)).astype(np.float32)
     got = vae.decode(Tensor(z)).asnumpy()
@@ -129,11 +131,11 @@ def test_saved_vae_loads_in_diffusers(tmp_path):
 
 def test_saved_pipeline_loads_in_diffusers_mindone_and_the_project(ours, tmp_path):
     folder = str(tmp_path / "saved")
-    mindone_adapters.save_pipeline(ours, folder)
-    assert sorted(os.listdir(folder)) == ["model_index.json", "scheduler", "text_encoder", "tokenizer",
-                                          "transformer", "vae"]  # fmt: skip
+    ours.save_pretrained(folder)
+    assert sorted(os.listdir(folder)) == ["mindone_lumina.json", "model_index.json", "scheduler", "text_encoder",
+                                          "tokenizer", "transformer", "vae"]  # fmt: skip
     with pytest.raises(ValueError, match="not empty"):
-        mindone_adapters.save_pipeline(ours, folder)
+        ours.save_pretrained(folder)
 
     ref = LuminaPipeline.from_pretrained(folder)  # PyTorch diffusers reads every component
     assert isinstance(ref.transformer, LuminaNextDiT2DModel) and ref.transformer.config.sample_size == 8
@@ -148,7 +150,7 @@ def test_saved_pipeline_loads_in_diffusers_mindone_and_the_project(ours, tmp_pat
         want = {k: v.numpy() for k, v in torch_model.state_dict().items()}
         assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
 
-    again = LuminaNextPipeline.from_pretrained(folder)
+    again = TextToImagePipeline.from_pretrained(folder)
     settings = SampleSettings(height=HEIGHT, width=WIDTH, num_steps=3, solver="euler")
     a = ours(PROMPTS, latents=_noise(), settings=settings, progress=False).latents
     b = again(PROMPTS, latents=_noise(), settings=settings, progress=False).latents

@@ -2,13 +2,14 @@
 ``LuminaNextDiT2DModel`` (equal to the original once weights are mapped). Budgets: fp32 relative Frobenius error
 <= 1e-5, fp16 <= 5e-3, graph vs PyNative <= 1e-6."""
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, load_tool, randomize_torch_, rel_err
+from conftest import BUDGETS, FIXTURES, forward_with_cfg, load_tool, randomize_torch_, rel_err
 from diffusers import LuminaNextDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 from safetensors.numpy import load_file
@@ -16,12 +17,14 @@ from safetensors.numpy import load_file
 import mindspore as ms
 from mindspore import Tensor
 
-from mindone_lumina import nextdit, training
-from mindone_lumina.convert import rename_to_project
-from mindone_lumina.layers import cast_parameters, parameter_count
-from mindone_lumina.loading import load_state_dict
+from mindone_lumina import training
+from mindone_lumina.models import nextdit
+from mindone_lumina.models.layers import cast_parameters, parameter_count
+from mindone_lumina.weights.load import load_state_dict
+from mindone_lumina.weights.nextdit import DIFFUSERS_RULES, DIFFUSERS_UNTIED_RULES
 
-FP32_BUDGET, FP16_BUDGET, MODE_BUDGET = 1e-5, 5e-3, 1e-6
+FP32_BUDGET, FP16_BUDGET = BUDGETS["fp32"]["transformer"], BUDGETS["fp16"]["transformer"]
+MODE_BUDGET = 1e-6
 # training gradients against torch autograd, relative to each tensor's norm (floored at 1e-3 of the largest norm):
 # measured <= 2.9e-6 (fp32, the three configs, graph and PyNative)
 GRAD_BUDGET = 2e-5
@@ -58,7 +61,7 @@ def test_original_forward_with_cfg(original, mode, branch):
     model, io, s = original
     scaling = nextdit.RopeScaling(s["scale_factor"], s["scale_watershed"], base_seqlen=s["base_seqlen"])
     x, t = io["x"], io[f"cfg_{branch}_t"]
-    out = nextdit.forward_with_cfg(model, *_tensors(x, t, io["cap_feats"], io["cap_mask"]), s["cfg_scale"], scaling)
+    out = forward_with_cfg(nextdit, model, *_tensors(x, t, io["cap_feats"], io["cap_mask"]), s["cfg_scale"], scaling)
     assert rel_err(out.asnumpy(), io[f"cfg_{branch}_out"]) <= FP32_BUDGET
 
 
@@ -75,8 +78,8 @@ def test_cfg_guides_only_three_channels(original, pynative):
     model, io, _ = original
     args = _tensors(io["x"], io["t"], io["cap_feats"], io["cap_mask"])
     plain = nextdit.forward(model, Tensor(np.concatenate([io["x"][:1]] * 2)), *args[1:]).asnumpy()
-    out3 = nextdit.forward_with_cfg(model, *args, 3.0).asnumpy()
-    out_all = nextdit.forward_with_cfg(model, *args, 3.0, guided_channels=None).asnumpy()
+    out3 = forward_with_cfg(nextdit, model, *args, 3.0).asnumpy()
+    out_all = forward_with_cfg(nextdit, model, *args, 3.0, guided_channels=None).asnumpy()
     guided = plain[1] + 3.0 * (plain[0] - plain[1])
     assert np.abs(out3[0, :3] - guided[:3]).max() < 1e-5
     assert np.abs(out3[0, 3] - plain[0, 3]).max() < 1e-5  # channel 3 keeps the conditional value
@@ -125,19 +128,23 @@ def _inputs(cfg, seed, batch=2, h=8, w=12, cap_len=7):
     return x, t, cap, mask
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+@pytest.fixture(scope="module", params=[*CONFIGS, "gqa-untied"])
 def pair(request):
-    kw = CONFIGS[request.param]
+    """(name, diffusers model, project model, rule table). "-untied": attn2's query differs from attn1's, as in a
+    model trained in diffusers; the project model then has its own cross-attention query."""
+    name = request.param.removesuffix("-untied")
+    untied = name != request.param
+    kw = CONFIGS[name]
     torch.manual_seed(0)
     ref = randomize_torch_(LuminaNextDiT2DModel(sample_size=16, patch_size=2, in_channels=4, **kw).eval(), seed=1)
-    _tie_diffusers_copies_(ref)
-    cfg = _diffusers_config(kw)
+    if not untied:
+        _tie_diffusers_copies_(ref)
+    cfg = dataclasses.replace(_diffusers_config(kw), separate_cross_query=untied)
     model = nextdit.NextDiT(cfg)
-    state = {k: v.numpy() for k, v in ref.state_dict().items()}
-    expected = [p.name for p in model.get_parameters()]
-    load_state_dict(model, rename_to_project(state, nextdit.DIFFUSERS_RULES, expected))
+    table = DIFFUSERS_UNTIED_RULES if untied else DIFFUSERS_RULES
+    load_state_dict(model, {k: v.numpy() for k, v in ref.state_dict().items()}, table)
     assert parameter_count(model) == cfg.num_parameters()
-    return request.param, ref, model
+    return name, ref, model, table
 
 
 def _tie_diffusers_copies_(ref):
@@ -160,7 +167,7 @@ def _reference(ref, cfg, x, t, cap, mask, linear=1.0, ntk=1.0, base_seqlen=None)
 
 
 def test_diffusers_fp32(pair, mode):
-    name, ref, model = pair
+    name, ref, model, _ = pair
     x, t, cap, mask = _inputs(model.cfg, seed=2, h=8, w=12 if name != "mha" else 6)
     out = nextdit.forward(model, *_tensors(x, t, cap, mask)).asnumpy()
     assert rel_err(out, _reference(ref, model.cfg, x, t, cap, mask)) <= FP32_BUDGET
@@ -169,7 +176,7 @@ def test_diffusers_fp32(pair, mode):
 @pytest.mark.parametrize("timestep", [0.1, 0.8])
 def test_diffusers_scaled_rope_and_proportional_attention(pair, mode, timestep):
     """scale_factor 2 with watershed 0.5: t=0.1 uses position interpolation, t=0.8 NTK; base_seqlen 10 tokens."""
-    _, ref, model = pair
+    _, ref, model, _ = pair
     x, t, cap, mask = _inputs(model.cfg, seed=3, h=10, w=8)
     t[:] = timestep
     scaling = nextdit.RopeScaling(scale_factor=2.0, scale_watershed=0.5, base_seqlen=10)
@@ -182,7 +189,7 @@ def test_diffusers_scaled_rope_and_proportional_attention(pair, mode, timestep):
 
 
 def test_diffusers_fp16(pair, mode):
-    name, ref, model32 = pair
+    name, ref, model32, _ = pair
     model = nextdit.NextDiT(model32.cfg)
     load_state_dict(model, {p.name: p.asnumpy() for p in model32.get_parameters()})
     cast_parameters(model, ms.float16)
@@ -195,8 +202,8 @@ def test_diffusers_fp16(pair, mode):
 def test_training_gradients_match_diffusers(pair, mode):
     """The flow-matching loss of ``training.FlowMatchingLoss`` and the gradient of every parameter against diffusers'
     autograd on the same weights and batch. diffusers holds wq and q_norm twice (attn1 and attn2): the project's one
-    tensor gets the sum of both copies' gradients."""
-    _, ref, model = pair
+    tensor gets the sum of both copies' gradients (untied: each its own)."""
+    _, ref, model, table = pair
     cfg = model.cfg
     x1, t, cap, mask = _inputs(cfg, seed=6)
     x0 = np.random.default_rng(7).standard_normal(x1.shape).astype(np.float32)
@@ -219,7 +226,7 @@ def test_training_gradients_match_diffusers(pair, mode):
     assert abs(float(loss) - expected_loss.item()) <= 1e-6 * expected_loss.item()
     floor = 1e-3 * max(float(p.grad.norm()) for p in ref.parameters() if p.grad is not None)
     for (name, _), grad in zip(named, grads):
-        sources = nextdit.DIFFUSERS_RULES.sources_of(name)
+        sources = table.sources_of(name)
         expected = sum(ref_grads[s].grad.numpy() for s in sources if ref_grads[s].grad is not None)
         if name == "pad_token":  # unused by the batched path, as in diffusers
             assert np.abs(grad.asnumpy()).max() == 0.0
@@ -229,7 +236,7 @@ def test_training_gradients_match_diffusers(pair, mode):
 
 
 def test_padded_caption_tokens_are_ignored(pair, pynative):
-    _, _, model = pair
+    _, _, model, _ = pair
     x, t, cap, mask = _inputs(model.cfg, seed=5)
     changed = cap.copy()
     changed[mask == 0] = 100.0
@@ -342,3 +349,22 @@ def test_forward_cli_on_original_pth_with_cfg(tmp_path):
     with pytest.raises(ValueError, match=r"lacks \['cap_feats', 'cap_mask'\]"):
         main(["--checkpoint", os.path.join(ORIGINAL, "consolidated.00-of-01.safetensors"), "--inputs", str(bad),
               "--output", str(out), "--mode", "pynative"])  # fmt: skip
+
+
+def test_chunked_attention_equals_one_chunk(mode, monkeypatch):
+    """Large score matrices are computed in query chunks (``backend._CHUNK_BYTES``); with a tiny bound every size is
+    chunked, unevenly here, and the result equals the unchunked one, with key, causal and GQA masking."""
+    from mindone_lumina import backend
+
+    rng = np.random.default_rng(0)
+    q = Tensor(rng.standard_normal((2, 11, 4, 8)).astype(np.float32))
+    k, v = (Tensor(rng.standard_normal((2, 11, 2, 8)).astype(np.float32)) for _ in range(2))
+    keys = Tensor(np.array([[1] * 11, [1] * 6 + [0] * 5], bool))
+    causal = Tensor(np.tril(np.ones((11, 11), bool))[None, None])
+
+    def run():
+        return backend.attention(q, k, v, keys, 0.3, False, attn_mask=causal).asnumpy()
+
+    whole = run()
+    monkeypatch.setattr(backend, "_CHUNK_BYTES", 2 * 4 * 3 * 11 * 4)  # 3 query rows per chunk: 4 chunks of 3, 3, 3, 2
+    np.testing.assert_allclose(run(), whole, rtol=0, atol=1e-6)

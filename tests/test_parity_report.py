@@ -43,9 +43,17 @@ def test_perturbed_weight_fails_at_its_block(tiny, tmp_path):
 
 def test_cli_exit_code_and_bad_arguments(tiny, tmp_path, monkeypatch):
     tool = load_tool("parity_report")
-    monkeypatch.setitem(parity.BUDGETS, "fp32", dict(parity.BUDGETS["fp32"], step=0.0))
+    monkeypatch.setitem(parity.BUDGETS, "fp32", dict(parity.BUDGETS["fp32"], sampling=0.0))
     assert tool.main(["--model", tiny, "--dtypes", "fp32", "--modes", "pynative", "--out", str(tmp_path)]) == 1
     with pytest.raises(ValueError, match="unknown or empty dtypes/modes"):
         tool.main(["--model", tiny, "--dtypes", "bf8", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="not a diffusers-layout folder"):
         tool.main(["--model", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_untied_diffusers_model_passes(tmp_path):
+    """A diffusers model whose attn2 query differs from attn1's (as diffusers trains it) loads with its own
+    cross-attention query and holds every fp32 budget; the loader used to refuse it."""
+    model = parity.build_tiny_model(str(tmp_path / "untied"), num_layers=2, tied_queries=False)
+    report = parity.run(model, ["fp32"], ["graph"], str(tmp_path / "report"))
+    assert report.passed and len(report.select("block")) == 2

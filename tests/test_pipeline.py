@@ -8,16 +8,16 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import load_tool, rel_err, tiny_diffusers_pipeline
+from conftest import BUDGETS, load_tool, rel_err, tiny_diffusers_pipeline
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 
 import mindspore as ms
 
 from mindone_lumina import sampling
-from mindone_lumina.nextdit import SharedBlockNextDiT
-from mindone_lumina.pipeline import LuminaNextPipeline, SampleSettings
+from mindone_lumina.models.nextdit import SharedBlockNextDiT
+from mindone_lumina.pipeline import SampleSettings, TextToImagePipeline
 
-LATENT_BUDGET, PIXEL_BUDGET = 1e-4, 1.0 / 255
+LATENT_BUDGET, PIXEL_BUDGET = BUDGETS["fp32"]["sampling"], 1.0 / 255
 PROMPTS = ["a small red circle in the top left", "a large green square on a white background"]
 HEIGHT, WIDTH = 64, 96  # beyond the 64x64 training area of the tiny model, so RoPE scaling is active
 
@@ -29,7 +29,7 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(reference):
-    return LuminaNextPipeline.from_pretrained(reference[1])
+    return TextToImagePipeline.from_pretrained(reference[1])
 
 
 def _noise(seed=0):
@@ -147,13 +147,13 @@ def test_missing_component_is_named(reference, tmp_path):
         json.dump({"transformer": ["diffusers", "LuminaNextDiT2DModel"]}, f)
     os.symlink(os.path.join(reference[1], "transformer"), folder / "transformer")
     with pytest.raises(ValueError, match="missing the text_encoder/ component"):
-        LuminaNextPipeline.from_pretrained(str(folder))
+        TextToImagePipeline.from_pretrained(str(folder))
 
 
 def test_offline_hub_id_says_what_to_download(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="huggingface-cli download Alpha-VLLM/Lumina-Next-SFT-diffusers"):
-        LuminaNextPipeline.from_pretrained("Alpha-VLLM/Lumina-Next-SFT-diffusers")
+        TextToImagePipeline.from_pretrained("Alpha-VLLM/Lumina-Next-SFT-diffusers")
 
 
 def test_graph_mode_compiles_the_denoiser_once_per_resolution(ours):
@@ -171,7 +171,7 @@ def test_graph_mode_compiles_the_denoiser_once_per_resolution(ours):
 
 def test_shared_block_and_whole_model_graph_give_the_same_latents(ours):
     ms.set_context(mode=ms.GRAPH_MODE)
-    whole = LuminaNextPipeline(ours.transformer, ours.text_encoder, ours.tokenizer, ours.vae, ours.train_size,
+    whole = TextToImagePipeline(ours.transformer, ours.text_encoder, ours.tokenizer, ours.vae, ours.train_size,
                                shared_block=False)  # fmt: skip
     assert whole.denoiser() is ours.transformer
     settings = SampleSettings(height=HEIGHT, width=WIDTH, num_steps=4)
@@ -203,3 +203,48 @@ def test_sample_cli_writes_pngs_with_metadata_and_latents(reference, tmp_path):
     for bad, message in ((["--steps", "1"], "num_steps"), (["--cfg", "-1"], "guidance scale")):
         with pytest.raises(ValueError, match=message):
             sample.main(["--model", str(tmp_path / "no-such-model"), "--prompt", "x", *bad])
+
+
+def test_offload_gives_the_same_images_and_keeps_only_the_transformer(reference, ours):
+    """offload=True: the text encoder is loaded for encoding and the VAE for decoding, both released afterwards, the
+    transformer loaded once and kept; the images are those of the resident pipeline."""
+    from mindone_lumina.pipeline import Lazy
+
+    lazy = TextToImagePipeline.from_pretrained(reference[1], offload=True)
+    assert all(isinstance(getattr(lazy, part), Lazy) for part in ("transformer", "text_encoder", "vae"))
+    settings = SampleSettings(height=32, width=32, num_steps=3, solver="euler")
+    a = lazy(PROMPTS, latents=_noise()[:, :, :4, :4], settings=settings, progress=False)
+    assert isinstance(lazy.text_encoder, Lazy) and isinstance(lazy.vae, Lazy)  # released again
+    assert not isinstance(lazy.transformer, Lazy)  # kept for the next call
+    b = ours(PROMPTS, latents=_noise()[:, :, :4, :4], settings=settings, progress=False)
+    assert np.array_equal(a.latents, b.latents)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images))
+
+
+def test_model_folder_settings_are_the_defaults(reference, ours, tmp_path):
+    """mindone_lumina.json: its sampling settings are a call's defaults and its prompt template wraps the prompts;
+    unknown settings and templates without exactly one {} are refused by name."""
+    import shutil
+
+    from mindone_lumina.io import diffusers_io
+
+    folder = tmp_path / "with-settings"
+    shutil.copytree(reference[1], folder)
+    settings = {
+        "train_size": 64,
+        "prompt_template": "{}, high quality",
+        "sampling": {"solver": "euler", "num_steps": 5},
+    }
+    (folder / diffusers_io.PROJECT_FILE).write_text(json.dumps(settings))
+    pipe = TextToImagePipeline.from_pretrained(str(folder))
+    assert (pipe.defaults.solver, pipe.defaults.num_steps, pipe.defaults.shift) == ("euler", 5, 4.0)
+    seen = []
+    pipe.encode_prompts = lambda prompts, negative: seen.append(prompts) or ours_encode(prompts, negative)
+    ours_encode = TextToImagePipeline.encode_prompts.__get__(pipe)
+    pipe(PROMPTS[:1], settings=SampleSettings(height=32, width=32, num_steps=2), progress=False)
+    assert seen == [[PROMPTS[0] + ", high quality"]]
+    for bad, message in (({"sampling": {"sampler": "euler"}}, r"unknown sampling setting\(s\) \['sampler'\]"),
+                         ({"prompt_template": "no slot"}, "exactly one {}")):  # fmt: skip
+        (folder / diffusers_io.PROJECT_FILE).write_text(json.dumps({**settings, **bad}))
+        with pytest.raises(ValueError, match=message):
+            TextToImagePipeline.from_pretrained(str(folder))

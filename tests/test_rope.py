@@ -1,33 +1,42 @@
-"""RoPE tables and rotation against the original complex formulation (Lumina-T2X ``precompute_freqs_cis`` and
-``apply_rotary_emb``, re-typed below in torch without ``.cuda()``) and the smooth paper formula's endpoints."""
+"""RoPE tables and rotation against the original Lumina-T2X ``precompute_freqs_cis`` (outputs recorded by
+tests/fixtures/make_fixtures.py in fixtures/original-rope: Next-DiT's hard switch, the smooth ``ntk_v3`` variant and
+Flag-DiT's 1-D table) and diffusers' ``get_2d_rotary_pos_embed_lumina`` run live, the smooth paper formula's
+endpoints, and the complex rotation."""
 
+import json
 import math
+import os
 
 import numpy as np
 import pytest
-import torch
-from conftest import rel_err
+from conftest import FIXTURES, rel_err
+from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 
 import mindspore as ms
 from mindspore import Tensor
 
 from mindone_lumina import rope
 
+ORIGINAL = os.path.join(FIXTURES, "original-rope")
+with open(os.path.join(ORIGINAL, "rope_cases.json")) as _f:
+    CASES = json.load(_f)
+with np.load(os.path.join(ORIGINAL, "rope.npz")) as _z:
+    TABLES = {k: _z[k] for k in _z.files}
 
-def original_precompute_freqs_cis(dim, end, theta=10000.0, scale_factor=1.0, scale_watershed=1.0, timestep=1.0):
-    """lumina_next_t2i_mini/models/nextdit.py::NextDiT.precompute_freqs_cis, on CPU."""
-    if timestep < scale_watershed:
-        linear_factor, ntk_factor = scale_factor, 1.0
-    else:
-        linear_factor, ntk_factor = 1.0, scale_factor
-    theta = theta * ntk_factor
-    freqs = 1.0 / (theta ** (torch.arange(0, dim, 4)[: (dim // 4)].float() / dim)) / linear_factor
-    t = torch.arange(end, dtype=torch.float)
-    freqs = torch.outer(t, freqs).float()
-    freqs_cis = torch.polar(torch.ones_like(freqs), freqs)
-    freqs_cis_h = freqs_cis.view(end, 1, dim // 4, 1).repeat(1, end, 1, 1)
-    freqs_cis_w = freqs_cis.view(1, end, dim // 4, 1).repeat(end, 1, 1, 1)
-    return torch.cat([freqs_cis_h, freqs_cis_w], dim=-1).flatten(2)
+
+def table_of(case):
+    """The original's recorded complex table of a case (complex128)."""
+    return TABLES[f"{case['key']}_real"].astype(np.float64) + 1j * TABLES[f"{case['key']}_imag"]
+
+
+def find_case(kind, **params):
+    found = [c for c in CASES[kind] if all(c[k] == v for k, v in params.items())]
+    assert len(found) == 1, f"fixtures/original-rope has no {kind} case {params}: rerun make_fixtures.py"
+    return found[0]
+
+
+def _case_id(case):
+    return "-".join(str(v) for k, v in case.items() if k not in ("key", "grid", "end", "stride"))
 
 
 @pytest.mark.parametrize(
@@ -35,13 +44,58 @@ def original_precompute_freqs_cis(dim, end, theta=10000.0, scale_factor=1.0, sca
     [(72, 1.0, 1.0, 1.0), (72, 2.0, 0.3, 0.1), (72, 2.0, 0.3, 0.7), (16, 1.5, 0.3, 0.3), (64, 1.41, 1.0, 0.99)],
 )
 def test_table_matches_original(head_dim, scale, watershed, timestep):
-    gh, gw = 24, 40
-    ref = original_precompute_freqs_cis(head_dim, 64, 10000.0, scale, watershed, timestep)[:gh, :gw].flatten(0, 1)
+    """No scaling, PI (t < watershed) and NTK (t >= watershed) against the original's recorded table and diffusers."""
+    case = find_case("nextdit", head_dim=head_dim, scale_factor=scale, scale_watershed=watershed, timestep=timestep)
+    table = table_of(case)
+    gh, gw = case["grid"]  # 24 x 40 patches of the original's table
+    linear, ntk = (scale, 1.0) if timestep < watershed else (1.0, scale)  # the original's switch, as diffusers takes it
+    live = get_2d_rotary_pos_embed_lumina(head_dim, gh, gw, linear_factor=linear, ntk_factor=ntk).numpy()
+    assert np.abs(live - table).max() <= 1e-6  # the two references agree (measured: bit for bit)
     cos, sin = rope.nextdit_rope(head_dim, gh, gw, scale, watershed, timestep)
     assert cos.shape == (gh * gw, head_dim // 2) and cos.dtype == np.float32
-    # the original computes angles in fp32, these in fp64: the difference is fp32 rounding of angles up to ~63 rad
-    assert np.abs(cos - ref.real.numpy()).max() < 2e-5
-    assert np.abs(sin - ref.imag.numpy()).max() < 2e-5
+    # the original computes angles in fp32, these in fp64: the difference is fp32 rounding of angles up to ~39 rad
+    for ref in (table.reshape(gh * gw, -1), live.reshape(gh * gw, -1)):
+        assert np.abs(cos - ref.real).max() < 2e-5
+        assert np.abs(sin - ref.imag).max() < 2e-5
+
+
+@pytest.mark.parametrize("case", CASES["smooth"], ids=_case_id)
+def test_smooth_table_matches_original_ntk_v3(case):
+    """The smooth variant against the original ``ntk_v3`` branch (visual_anagrams): frequencies within 1e-6
+    relative (read off row 1 of the table), cos/sin within 2e-6 (measured <= 5.1e-7)."""
+    table = table_of(case)
+    (gh, gw), d, s, t = case["grid"], case["head_dim"], case["scale_factor"], case["timestep"]
+    freqs = rope.smooth_time_aware_frequencies(d, s, t)
+    original_freqs = np.angle(table[1, 0, 0::2])  # slot 2k of row 1 is e^(i omega_k); every omega_k < pi
+    assert np.abs(freqs / original_freqs - 1).max() <= 1e-6
+    cos, sin = rope.nextdit_rope(d, gh, gw, s, timestep=t, smooth=True)
+    assert cos.shape == (gh * gw, d // 2) and cos.dtype == np.float32
+    assert np.abs(cos - table.reshape(gh * gw, -1).real).max() <= 2e-6
+    assert np.abs(sin - table.reshape(gh * gw, -1).imag).max() <= 2e-6
+
+
+@pytest.mark.parametrize("case", CASES["flagdit"], ids=_case_id)
+def test_flagdit_table_matches_original(case):
+    """Flag-DiT's 1-D table against the original lumina_t2i one (every 16th of 4160 positions, 1024^2): equal up to
+    the original's float32 rounding of frequencies and angles (<= 2e-7 of each angle, as in test_flagdit)."""
+    d, factor, ntk, end, stride = (case[k] for k in ("head_dim", "rope_scaling_factor", "ntk_factor", "end", "stride"))
+    table = table_of(case)
+    cos, sin = rope.flagdit_rope(d, end, factor, ntk)
+    positions = np.arange(end)[::stride]
+    assert table.shape == (len(positions), d // 2)
+    freqs = 1.0 / (10000.0 * ntk) ** (np.arange(0, d, 2) / d)
+    bound = 2e-6 + 2.5e-7 * np.outer(positions / factor, freqs)  # (L, D/2), grows with the angle
+    assert (np.abs(cos[positions] - table.real) <= bound).all()
+    assert (np.abs(sin[positions] - table.imag) <= bound).all()
+
+
+def test_recorded_cases_cover_the_switch():
+    """The recorded Next-DiT cases include unscaled, PI and NTK tables, and the smooth ones both endpoints."""
+    branches = {"unscaled" if c["scale_factor"] == 1 else "pi" if c["timestep"] < c["scale_watershed"] else "ntk"
+                for c in CASES["nextdit"]}  # fmt: skip
+    assert branches == {"unscaled", "pi", "ntk"}
+    assert {0.0, 1.0} <= {c["timestep"] for c in CASES["smooth"]}
+    assert {16, 72} <= {c["head_dim"] for c in CASES["smooth"]}
 
 
 def test_apply_rope_equals_complex_product(pynative):

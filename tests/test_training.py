@@ -12,9 +12,11 @@ from PIL import Image
 
 import mindspore as ms
 
-from mindone_lumina import mindone_adapters, training, vae_training
-from mindone_lumina import vae as vae_lib
-from mindone_lumina.pipeline import LuminaNextPipeline, SampleSettings
+from mindone_lumina import training
+from mindone_lumina.io import diffusers_io
+from mindone_lumina.models import vae as vae_lib
+from mindone_lumina.pipeline import SampleSettings, TextToImagePipeline
+from mindone_lumina.training import vae as vae_training
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "multiple_of": 16, "cap_feat_dim": 32, "in_channels": 3,
         "patch_size": 2, "qk_norm": True}  # fmt: skip
@@ -56,12 +58,13 @@ def recipe(tmp_path, data_and_encoder, **kw):
 def test_tiny_model_overfits_and_skips_broken_and_small_images(tmp_path, data_and_encoder):
     logs = []
     # logit-normal t: uniform t spends many steps near t = 1, where the velocity target x1 - x0 is hardest to fit
-    cfg = training.TrainConfig.from_yaml(recipe(tmp_path, data_and_encoder, steps=300, t_sampling="logit_normal"))
+    cfg = training.TrainConfig.from_yaml(recipe(tmp_path, data_and_encoder, steps=400, t_sampling="logit_normal"))
     trainer = training.train(cfg, log=logs.append)
     losses = np.array([loss for _, loss, _ in trainer.history])
-    assert losses[-50:].mean() <= losses[:10].mean() / 10  # falls at least 10x (measured 0.97 -> 0.074)
+    # falls at least 10x: measured 1.24 -> 0.076 (16x); at 300 steps the ratio ranged 9.3-20x over initialisations
+    assert losses[-50:].mean() <= losses[:10].mean() / 10
     assert any("skipped images: {'unreadable': 1, 'smaller than the smallest bucket': 1}" in line for line in logs)
-    assert training.latest_checkpoint(cfg.output).endswith("step_0000300")
+    assert training.latest_checkpoint(cfg.output).endswith("step_0000400")
 
 
 def test_resume_equals_straight_run(tmp_path, data_and_encoder):
@@ -131,12 +134,13 @@ def test_saving_a_step_again_never_breaks_latest(tmp_path, data_and_encoder):
 
 def test_feature_cache_reused_and_invalidated(tmp_path, data_and_encoder):
     """The cache as ``train`` uses it (prepare_data; no training steps needed to see what it reuses)."""
-    from mindone_lumina import gemma
+    from mindone_lumina import components
 
     def prepare(cfg):
         log = []
-        encoder = gemma.load_gemma(cfg.text_encoder)
-        training.prepare_data(cfg, gemma.load_tokenizer(cfg.text_encoder), encoder, None, log.append)
+        encoder = components.load_text_encoder(cfg.text_encoder)
+        tokenizer = components.load_tokenizer(cfg.text_encoder, encoder.cfg)
+        training.prepare_data(cfg, tokenizer, encoder, None, log.append)
         return log
 
     path = recipe(tmp_path, data_and_encoder, steps=1)
@@ -177,10 +181,10 @@ def test_optimizer_steps_equal_torch_adamw(grad_accum):
     from diffusers import LuminaNextDiT2DModel
     from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 
-    from mindone_lumina import nextdit
-    from mindone_lumina.convert import rename_to_project
-    from mindone_lumina.loading import load_state_dict
+    from mindone_lumina.models import nextdit
     from mindone_lumina.parity import randomize_torch_
+    from mindone_lumina.weights.load import load_state_dict
+    from mindone_lumina.weights.nextdit import DIFFUSERS_RULES
 
     torch.manual_seed(0)
     ref = LuminaNextDiT2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
@@ -194,7 +198,7 @@ def test_optimizer_steps_equal_torch_adamw(grad_accum):
                                 multiple_of=16, learn_sigma=False, qk_norm=True, cap_feat_dim=16)  # fmt: skip
     model = nextdit.NextDiT(cfg)
     state = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
-    load_state_dict(model, rename_to_project(state, nextdit.DIFFUSERS_RULES, [p.name for p in model.get_parameters()]))
+    load_state_dict(model, state, DIFFUSERS_RULES)
     recipe = training.TrainConfig(data="-", output="-", lr=1e-2, lr_schedule="cosine", warmup_steps=2, steps=4,
                                   weight_decay=0.01, grad_clip=0.05, ema_decay=0.9, grad_accum=grad_accum)  # fmt: skip
     trainer = training.Trainer(training.FlowMatchingLoss(model), recipe)
@@ -239,11 +243,13 @@ def test_optimizer_steps_equal_torch_adamw(grad_accum):
     for name in trainer.param_names:
         if name == "pad_token":  # unused: torch skips it (no gradient), AdamW's decay still shrinks it here
             continue
-        p, e = by_tensor[id(named[nextdit.DIFFUSERS_RULES.sources_of(name)[0]])]
+        p, e = by_tensor[id(named[DIFFUSERS_RULES.sources_of(name)[0]])]
         for got, want in ((ours[name], p), (ours_ema[name], e)):
             want = want.detach().numpy()
             err = np.linalg.norm(got.asnumpy() - want) / np.linalg.norm(want)
-            assert err <= 1e-5, (name, err)
+            # measured <= 5.6e-6 but for one qk-norm bias with grad_accum 2: 1.2e-5 on a 2-core Xeon (an earlier AMD
+            # machine stayed under 1e-5); Adam divides its near-zero gradient by the gradient's own scale
+            assert err <= 3e-5, (name, err)
 
 
 def test_lr_schedule():
@@ -305,11 +311,12 @@ def test_shipped_recipes_parse(name):
 @pytest.mark.parametrize("vae_blocks", [None, (8, 16)], ids=["pixels", "vae-2x"])
 def test_exported_pipeline_reloads_and_generates_at_the_training_size(tmp_path, data_and_encoder, vae_blocks):
     """export_pipeline writes the latent side the VAE gives (2x here, not the SDXL 8x), and the pipeline reads the
-    training size back from it."""
+    training size back from it. With a VAE the folder is a diffusers pipeline that diffusers loads, with the trained
+    (EMA) weights; a pixel-space model has no diffusers pipeline, so no model_index.json claims one."""
     kw = {"steps": 4, "save_every": 4}
     if vae_blocks:
         cfg = vae_lib.VAEConfig(block_out_channels=vae_blocks, layers_per_block=1, norm_num_groups=8, sample_size=16)
-        mindone_adapters.save_vae(vae_lib.AutoencoderKL(cfg), str(tmp_path / "vae"))
+        diffusers_io.save_component("vae", str(tmp_path / "vae"), vae_lib.AutoencoderKL(cfg))
         kw |= {"vae": str(tmp_path / "vae"), "model": {**TINY, "in_channels": 4}}
     cfg = training.TrainConfig.from_yaml(recipe(tmp_path, data_and_encoder, **kw))
     trainer = training.train(cfg, log=lambda line: None)
@@ -317,8 +324,17 @@ def test_exported_pipeline_reloads_and_generates_at_the_training_size(tmp_path, 
     training.export_pipeline(cfg, trainer, folder)
     with open(os.path.join(folder, "transformer", "config.json")) as f:
         assert json.load(f)["sample_size"] == (8 if vae_blocks else 16)  # latent side at 16 px
-    pipe = LuminaNextPipeline.from_pretrained(folder)
+    pipe = TextToImagePipeline.from_pretrained(folder)
     assert pipe.train_size == 16 and pipe.downsample == (2 if vae_blocks else 1)
     out = pipe(["a red square"], seed=0, settings=SampleSettings(num_steps=3, guidance_scale=1.0), progress=False)
     assert out.images[0].size == (16, 16)
     assert np.isfinite(np.asarray(out.images[0], np.float32)).all()
+    assert os.path.isfile(os.path.join(folder, "model_index.json")) == bool(vae_blocks)
+    if vae_blocks:
+        from diffusers import LuminaPipeline
+
+        theirs = LuminaPipeline.from_pretrained(folder).transformer.state_dict()
+        ours = dict(zip(trainer.param_names, trainer.ema))
+        assert np.array_equal(
+            theirs["layers.1.attn2.to_out.0.weight"].numpy(), ours["layers.1.attention.wo.weight"].asnumpy()
+        )

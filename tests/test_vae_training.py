@@ -18,7 +18,9 @@ from safetensors.numpy import load_file
 import mindspore as ms
 from mindspore import Tensor
 
-from mindone_lumina import backend, training, vae, vae_training
+from mindone_lumina import backend, training
+from mindone_lumina.components import load_vae
+from mindone_lumina.training import vae as vae_training
 
 TINY = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 8, "latent_channels": 4}
 KL_WEIGHT = 0.05  # large enough that the KL term moves the encoder's gradients visibly
@@ -53,7 +55,7 @@ def reference(tmp_path_factory):
 
 
 def test_loss_and_gradients_match_diffusers(reference, mode):
-    model = vae.load_vae(reference["folder"])
+    model = load_vae(reference["folder"])
     loss_cell = vae_training.VAELoss(model, KL_WEIGHT)
     named = [(n, p) for n, p in model.parameters_and_names() if p.requires_grad]
     grad_fn = ms.value_and_grad(loss_cell, None, [p for _, p in named])
@@ -134,7 +136,7 @@ def test_vae_trains_resumes_and_exports(tmp_path, images, capsys):
     with torch.no_grad():
         means = reference.encode(torch.from_numpy(pixels)).latent_dist.mean.numpy()
     assert abs(reference.config.scaling_factor * means.std() - 1.0) < 1e-4
-    ours = vae.load_vae(folder)
+    ours = load_vae(folder)
     assert ours.cfg.scaling_factor == reference.config.scaling_factor
     assert rel_err(ours.encode(Tensor(pixels)).mean.asnumpy(), means) <= 1e-5
     with pytest.raises(ValueError, match="exists and is not empty"):

@@ -1,26 +1,33 @@
-"""Convert Next-DiT weights between the original Lumina-T2X, diffusers and MindSpore (project) formats.
-
-A Lumina-T2I (Flag-DiT) checkpoint, recognised by its ``eol_token``, converts the same way to ``mindspore`` or
-``original`` (there is no diffusers Flag-DiT).
+"""Convert Lumina weights between the original Lumina-T2X, diffusers and MindSpore (project) formats.
 
     python tools/convert.py SRC OUT [--arch PRESET_OR_JSON] [--dtype keep|fp32|fp16|bf16] [--ema]
         [--to mindspore|original|diffusers] [--verify] [--force] [--allow-inexact-merge]
 
-SRC: a ``consolidated[_ema].NN-of-MM.{safetensors,pth}`` file or folder (model-parallel ranks are merged), a
-diffusers pipeline or ``transformer/`` folder (single or sharded, fp32 or bf16), or a project safetensors file.
-OUT: a ``.safetensors`` file for ``--to mindspore``; a folder for ``original`` (consolidated.00-of-01.safetensors +
-model_args.json) and ``diffusers`` (transformer/diffusion_pytorch_model.safetensors + config.json).
-``.pth`` files are read without torch and without running pickle code. Strict: any missing, unexpected or mis-shaped
-key is an error. ``--verify`` re-reads the output and compares every tensor with its source, bit for bit.
+SRC: a ``consolidated[_ema].NN-of-MM.{safetensors,pth}`` file or folder (model-parallel ranks are merged), a diffusers
+pipeline or ``transformer/`` folder (single or sharded, fp32 or bf16), or a project safetensors file. A Lumina-T2I
+(Flag-DiT) checkpoint, recognised by its ``eol_token``, converts the same way to mindspore or original (there is no
+diffusers Flag-DiT). OUT: a ``.safetensors`` file for ``--to mindspore``; a folder for ``original``
+(consolidated.00-of-01.safetensors + model_args.json) and ``diffusers`` (transformer/diffusion_pytorch_model.safetensors
++ config.json). A whole pipeline folder SRC with ``--to diffusers`` is rewritten as a whole (e.g. one saved by
+mindone-lumina 0.1), tensors bit-identical. ``.pth`` files are read without torch and without running pickle code.
+Strict: any missing, unexpected or mis-shaped key is an error. ``--verify`` re-reads the output and compares every
+tensor with its source, bit for bit.
 """
 
 import argparse
+import os
 import sys
 import time
 
 from tqdm import tqdm
 
-from mindone_lumina import checkpoint_io, flagdit_weights, nextdit_weights
+from mindone_lumina import components
+from mindone_lumina.io import diffusers_io
+from mindone_lumina.weights.nextdit import NEXTDIT
+from mindone_lumina.weights.safetensors import verify_safetensors
+from mindone_lumina.weights.tensors import CASTS
+
+FORMATS = ("mindspore", "original", "diffusers")
 
 
 def parse_args(argv=None):
@@ -28,9 +35,9 @@ def parse_args(argv=None):
     p.add_argument("src", help="checkpoint file or folder")
     p.add_argument("out", help="output .safetensors file (mindspore) or folder (original, diffusers)")
     p.add_argument("--arch", default=None, help="preset or JSON of constructor arguments (default: read from SRC)")
-    p.add_argument("--dtype", default="keep", choices=list(checkpoint_io.CASTS), help="cast floating tensors")
+    p.add_argument("--dtype", default="keep", choices=CASTS, help="cast floating tensors (default: keep)")
     p.add_argument("--ema", action="store_true", help="read consolidated_ema.* instead of consolidated.*")
-    p.add_argument("--to", default="mindspore", choices=nextdit_weights.FORMATS)
+    p.add_argument("--to", default="mindspore", choices=FORMATS, help="output format (default: mindspore)")
     p.add_argument("--verify", action="store_true", help="re-read the output and compare every tensor")
     p.add_argument("--force", action="store_true", help="overwrite existing output")
     p.add_argument(
@@ -41,29 +48,34 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if flagdit_weights.is_flagdit(args.src, args.ema):  # Lumina-T2I: original names only, no diffusers layout
-        flagdit_weights.check_outputs(args.out, args.to, args.force)
-        cfg = flagdit_weights.resolve(args.src, args.arch)
-        written = flagdit_weights.flagdit_tensors(
-            args.src, cfg, args.ema, args.dtype, allow_inexact_merge=args.allow_inexact_merge
+    if args.to == "mindspore" and not args.out.endswith(".safetensors"):
+        raise ValueError(f"output {args.out} for the mindspore format must be a .safetensors file path")
+    if args.to != "mindspore" and args.out.endswith(".safetensors"):
+        raise ValueError(f"output {args.out} for the {args.to} format must be a folder, not a .safetensors file")
+    if diffusers_io.is_pipeline(args.src) and args.to == "diffusers":
+        folder = diffusers_io.rewrite_pipeline(args.src, args.out)
+        print(f"wrote {folder.describe()}")
+        return
+    family, cfg, specs = components.transformer_plan(
+        args.src, args.arch, args.ema, args.dtype, args.allow_inexact_merge
+    )
+    if args.to == "diffusers" and family is not NEXTDIT:
+        raise ValueError(
+            f"{family.name} converts to mindspore or original, not diffusers (there is no diffusers {family.name})"
         )
-        write = flagdit_weights.write_flagdit
-    else:
-        nextdit_weights.check_outputs(args.out, args.to, args.force)
-        cfg = nextdit_weights.resolve(args.src, args.arch)
-        specs = nextdit_weights.nextdit_tensors(
-            args.src, cfg, args.ema, args.dtype, allow_inexact_merge=args.allow_inexact_merge
-        )
-        written = nextdit_weights.layout_tensors(specs, args.to)
-        write = nextdit_weights.write_nextdit
+    written = specs if args.to == "mindspore" else family.export(specs, cfg, args.to)  # what lands in the file
     total = sum(s.nbytes for s in written)
     start = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="convert") as bar:
-        path = write(written, cfg, args.out, args.to, args.force, bar.update)
+        if args.to == "diffusers":
+            out = os.path.join(args.out, "transformer")
+            path = diffusers_io.write_transformer(out, specs, cfg, 128, args.force, bar.update)  # 1024 px latent side
+        else:
+            path = family.write(specs, cfg, args.out, args.force, bar.update)
     mb, seconds = total / 1e6, time.perf_counter() - start
     print(f"wrote {path}: {len(written)} tensors, {mb:.1f} MB in {seconds:.1f} s ({mb / seconds:.0f} MB/s)")
     if args.verify:
-        checkpoint_io.verify_safetensors(path, written)
+        verify_safetensors(path, written)
         print(f"verified {len(written)} tensors of {path} against {args.src}: bit-identical")
 
 

@@ -5,18 +5,20 @@
 
 DIR is a Hugging Face Gemma folder (config.json, safetensors, tokenizer files). The .npz holds ``cap_feats``
 (B, Lc, D) in the run dtype (bf16 is stored as fp32), ``cap_mask`` (B, Lc) int32 (1 = token) and ``texts`` (B,), the
-encoded strings, rows ordered [prompts..., negatives...] as ``mindone_lumina.gemma.encode_prompts`` returns them.
+encoded strings, rows ordered [prompts..., negatives...] as ``TextToImagePipeline.encode_prompts`` returns them. A LLaMA
+folder (Lumina-T2I) is encoded the Lumina-T2I way.
 """
 
 import argparse
-import os
 
 import numpy as np
 
 import mindspore as ms
 
-from mindone_lumina.backend import dtype_from_name
-from mindone_lumina.gemma import encode_prompts, load_gemma, load_tokenizer
+from mindone_lumina import components
+from mindone_lumina.atomic import atomic_path
+from mindone_lumina.dtypes import ms_dtype
+from mindone_lumina.text import gemma, llama
 
 
 def read_prompts(prompts, prompts_file) -> list:
@@ -31,18 +33,6 @@ def read_prompts(prompts, prompts_file) -> list:
     if not out:
         raise ValueError("no prompts given: pass --prompts and/or a non-empty --prompts-file")
     return out
-
-
-def save_npz(path: str, **arrays) -> None:
-    """Write through a temporary file in the same folder and rename, so a reader never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def main(argv=None) -> None:
@@ -62,13 +52,17 @@ def main(argv=None) -> None:
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     prompts = read_prompts(args.prompts, args.prompts_file)
     negative = None if args.no_negative else args.negative_prompt
-    tokenizer = load_tokenizer(args.model)
-    encoder = load_gemma(args.model, dtype_from_name(args.dtype))
-    feats, mask = encode_prompts(tokenizer, encoder, prompts, negative, max_length=args.max_length)
+    encoder = components.load_text_encoder(args.model, ms_dtype(args.dtype))
+    tokenizer = components.load_tokenizer(args.model, encoder.cfg)
+    if isinstance(encoder.cfg, llama.LlamaConfig):
+        feats, mask = llama.encode_prompts(tokenizer, encoder, prompts, negative)
+    else:
+        feats, mask = gemma.encode_prompts(tokenizer, encoder, prompts, negative, max_length=args.max_length)
     if feats.dtype == ms.bfloat16:
         feats = feats.astype(ms.float32)  # numpy has no bfloat16
     texts = np.array(prompts + ([] if negative is None else [negative] * len(prompts)))
-    save_npz(args.output, cap_feats=feats.asnumpy(), cap_mask=mask.asnumpy(), texts=texts)
+    with atomic_path(args.output) as tmp, open(tmp, "wb") as f:
+        np.savez(f, cap_feats=feats.asnumpy(), cap_mask=mask.asnumpy(), texts=texts)
     print(f"wrote {args.output}: cap_feats {tuple(feats.shape)} {args.dtype}, cap_mask {tuple(mask.shape)}")
 
 

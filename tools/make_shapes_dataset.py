@@ -7,13 +7,12 @@ python tools/make_shapes_dataset.py --out data/shapes --num 4000 [--size 32] [--
 import argparse
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
 
 from mindone_lumina import shapes
+from mindone_lumina.atomic import staged_folder
 
 
 def main(argv=None):
@@ -33,30 +32,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.num < 1:
         raise ValueError(f"--num must be at least 1, got {args.num}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"{args.out} exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
         raise ValueError(f"{args.out} exists and is not empty; pass --force to replace it")
     scenes = (shapes.train_scenes if args.split == "train" else shapes.heldout_scenes)(args.num, args.seed)
     rng = np.random.default_rng([args.seed, 1]) if args.variety else None  # a stream apart from the scenes' draws
-    parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".shapes-")  # same filesystem, so the final rename is atomic
-    try:
-        with open(os.path.join(tmp, "captions.jsonl"), "w") as f:
-            for i, scene in enumerate(scenes):
-                Image.fromarray(shapes.render(scene, args.size, rng)).save(os.path.join(tmp, f"{i:05d}.png"))
-                f.write(json.dumps({"image": f"{i:05d}.png", "caption": shapes.caption(scene, rng)}) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if os.path.isdir(args.out):  # move the old copy aside first: readers never see a half-written folder
-            old = tmp + ".old"
-            os.replace(args.out, old)
-            os.replace(tmp, args.out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, args.out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_folder(args.out, replace=args.force) as tmp, open(os.path.join(tmp, "captions.jsonl"), "w") as f:
+        for i, scene in enumerate(scenes):
+            Image.fromarray(shapes.render(scene, args.size, rng)).save(os.path.join(tmp, f"{i:05d}.png"))
+            f.write(json.dumps({"image": f"{i:05d}.png", "caption": shapes.caption(scene, rng)}) + "\n")
     print(f"wrote {len(scenes)} {args.split} images to {args.out}")
 
 

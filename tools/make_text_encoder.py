@@ -1,23 +1,32 @@
 """Create a small frozen random Gemma-architecture text encoder with a BPE tokenizer trained on a dataset's captions.
 
 python tools/make_text_encoder.py --captions data/captions.jsonl --out models/text_encoder --hidden 64 --layers 3
+
+The weights are drawn as the Hugging Face initialiser draws them (normal(0, std), norm weights 0 = scale 1): frozen,
+its features still identify the tokens, and the DiT trained on them learns what they mean.
 """
 
 import argparse
 import json
 
-from mindone_lumina.gemma import GemmaConfig, random_gemma_state, save_gemma, train_tokenizer
+import numpy as np
+
+from mindone_lumina.io.diffusers_io import save_component
+from mindone_lumina.text.decoder import DecoderEncoder
+from mindone_lumina.text.gemma import GemmaConfig
+from mindone_lumina.text.tokenizers import train_tokenizer
+from mindone_lumina.weights.load import load_state_dict
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--captions", required=True, help="captions.jsonl of the training data")
-    p.add_argument("--out", required=True)
-    p.add_argument("--vocab", type=int, default=400)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=3, help="decoder layers; features are the output of layer n-2")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder to create (transformers GemmaModel layout)")
+    p.add_argument("--vocab", type=int, default=400, help="BPE vocabulary size (default: 400)")
+    p.add_argument("--hidden", type=int, default=64, help="hidden size (default: 64)")
+    p.add_argument("--layers", type=int, default=3, help="decoder layers; features are the output of layer n-2 (3)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     args = p.parse_args(argv)
     with open(args.captions, encoding="utf-8") as f:
         captions = [json.loads(line)["caption"] for line in f if line.strip()]
@@ -27,7 +36,11 @@ def main(argv=None):
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=1,
         head_dim=args.hidden // args.heads, max_position_embeddings=512,
     )  # fmt: skip
-    save_gemma(args.out, cfg, random_gemma_state(cfg, args.seed, std=1.0 / args.hidden**0.5), tokenizer)
+    encoder = DecoderEncoder(cfg)
+    rng, std = np.random.default_rng(args.seed), 1.0 / args.hidden**0.5
+    state = {p.name: (np.zeros(p.shape) if "norm" in p.name else std * rng.standard_normal(p.shape)).astype(np.float32)
+             for p in encoder.get_parameters()}  # fmt: skip
+    save_component("text_encoder", args.out, load_state_dict(encoder, state), tokenizer)
     print(f"wrote {args.out}: {cfg}")
 
 

@@ -4,7 +4,7 @@
 
 ``--model`` is a diffusers-layout folder (``model_index.json``); without it a tiny random model is built in ``--out``.
 Writes ``report.md``, ``errors_blocks.png`` and ``errors_steps.png`` to ``--out`` and exits with status 1 when a
-budget (``mindone_lumina.parity.BUDGETS``) is broken.
+budget (``mindone_lumina.tolerances.BUDGETS``) is broken.
 """
 
 import argparse

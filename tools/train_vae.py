@@ -7,30 +7,16 @@ Resumes from ``OUTPUT/checkpoints/latest`` when it exists. ``--export`` writes t
 weights, fitted ``scaling_factor``).
 """
 
-import argparse
+from mindone_lumina.training import run_tool
+from mindone_lumina.training.vae import VAETrainConfig, export_vae, train_vae
 
-import mindspore as ms
 
-from mindone_lumina.training import data_parallel_world
-from mindone_lumina.vae_training import VAETrainConfig, export_vae, train_vae
+def _export(cfg, trainer, folder):
+    return f"scaling_factor {export_vae(cfg, trainer, folder):.5f}"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="YAML recipe (keys of VAETrainConfig)")
-    p.add_argument("--output", default=None)
-    p.add_argument("--data", default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--device", default="CPU", choices=["CPU", "Ascend"])
-    p.add_argument("--export", default=None, help="write the trained VAE (EMA weights) to this folder")
-    args = p.parse_args(argv)
-    cfg = VAETrainConfig.from_yaml(args.config, output=args.output, data=args.data, steps=args.steps)
-    ms.set_device(args.device)
-    rank, world = data_parallel_world()
-    trainer = train_vae(cfg, rank, world)
-    if args.export and rank == 0:
-        factor = export_vae(cfg, trainer, args.export)
-        print(f"exported {args.export} (scaling_factor {factor:.5f})")
+    run_tool(__doc__.splitlines()[0], VAETrainConfig, train_vae, _export, argv)
 
 
 if __name__ == "__main__":

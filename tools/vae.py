@@ -11,13 +11,15 @@ factor, decode divides by it). ``x.npz`` holds ``images`` (B, 3, H, W) in [-1, 1
 
 import argparse
 import os
-import tempfile
 
 import numpy as np
 
 import mindspore as ms
 
-from mindone_lumina import backend, vae
+from mindone_lumina import components
+from mindone_lumina.atomic import atomic_path
+from mindone_lumina.dtypes import ms_dtype
+from mindone_lumina.models import vae
 
 
 def parse_args(argv=None):
@@ -42,11 +44,9 @@ def parse_args(argv=None):
 
 
 def write_atomic(path: str, save) -> None:
-    """``save(file_object)`` into a temporary file beside ``path``, then rename it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=os.path.splitext(path)[1], delete=False) as tmp:
-        save(tmp)
-    os.replace(tmp.name, path)
+    """``save(file_object)`` into a temporary file beside ``path``, then renamed over ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        save(f)
 
 
 def read_latents(path: str) -> np.ndarray:
@@ -94,7 +94,7 @@ def main(argv=None):
     args = parse_args(argv)
     ms.set_device(args.device)
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
-    model = vae.load_vae(args.vae, backend.dtype_from_name(args.dtype))
+    model = components.load_vae(args.vae, ms_dtype(args.dtype))
     what = decode(args, model) if args.command == "decode" else encode(args, model)
     print(f"wrote {args.output}: {what} ({args.mode}, {args.dtype})")
 

@@ -2,8 +2,8 @@
 
 No pretrained VAE can be downloaded on an offline machine, and a Next-DiT on small images learns far faster on the
 latents of even a small VAE than on pixels (README, model card). This trains one with the project's loop
-(``training.fit``: one compiled step, AdamW, clipping, EMA, exact resume, msrun data parallel) and exports a diffusers
-``vae/`` folder that ``training.TrainConfig.vae``, ``LuminaNextPipeline`` and diffusers itself load.
+(``loop.fit``: one compiled step, AdamW, clipping, EMA, exact resume, msrun data parallel) and exports a diffusers
+``vae/`` folder that ``TrainConfig.vae``, the pipeline and diffusers itself load.
 
 Loss, per image: the mean squared error of the reconstruction of a posterior sample ``z = mean + std * eps`` plus
 ``kl_weight`` times KL(q(z | x) || N(0, I)) summed over the latent and divided by the image's element count (so the
@@ -22,19 +22,14 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn
 
-from . import vae as vae_lib
-from .layers import parameter_count
-from .loading import load_state_dict
-from .training import (
-    Recipe,
-    Trainer,
-    batch_indices,
-    bucket_groups,
-    buckets,
-    fit,
-    read_captions,
-    read_images,
-)
+from ..io import diffusers_io
+from ..models import vae as vae_lib
+from ..models.layers import parameter_count
+from ..weights.load import load_state_dict
+from .data import batch_indices, bucket_groups, buckets, read_captions, read_images
+from .loop import fit
+from .recipe import Recipe
+from .step import Trainer
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -94,7 +89,7 @@ def load_images(cfg: Recipe, log=print) -> Images:
 
 def make_batch(ds: Images, cfg: VAETrainConfig, step: int, rank: int = 0, world: int = 1):
     """Host-side batch for ``step``: images (B, 3, H, W) and the posterior noise (B, latent, H/f, W/f), drawn for
-    the whole global batch from (seed, step) and sliced by rank, as ``training.make_batch`` does."""
+    the whole global batch from (seed, step) and sliced by rank, as ``data.make_batch`` does."""
     idx = batch_indices(ds, cfg, step, rank, world)
     x = np.stack([ds.images[i] for i in idx])
     vae_cfg = cfg.vae_config
@@ -171,8 +166,6 @@ def fitted_scaling_factor(vae: vae_lib.AutoencoderKL, images: list, samples: int
 def export_vae(cfg: VAETrainConfig, trainer: Trainer, folder: str, use_ema: bool = True) -> float:
     """Write a diffusers ``vae/`` folder (EMA weights by default) with the fitted ``scaling_factor``; returns it.
     The folder appears whole or not at all (written under a temporary name and renamed)."""
-    from .mindone_adapters import save_vae
-
     source = trainer.ema if use_ema else trainer.params
     state = {n: p.asnumpy() for n, p in zip(trainer.param_names, source)}
     vae = vae_lib.AutoencoderKL(cfg.vae_config)
@@ -180,5 +173,5 @@ def export_vae(cfg: VAETrainConfig, trainer: Trainer, folder: str, use_ema: bool
     factor = fitted_scaling_factor(vae, trainer.data.images, cfg.scaling_samples)
     final = vae_lib.AutoencoderKL(dataclasses.replace(cfg.vae_config, scaling_factor=factor))
     load_state_dict(final, state, what="the trained VAE")
-    save_vae(final, folder)
+    diffusers_io.save_component("vae", folder, final)
     return factor

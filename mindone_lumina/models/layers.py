@@ -1,16 +1,26 @@
-"""Small Cells shared by several model families. Parameter names follow PyTorch (``weight``/``bias``) so that
-checkpoints map by identity; the arithmetic is in ``backend``."""
+"""Small Cells shared by every model family. Parameter names follow PyTorch (``weight``/``bias``) so that checkpoints
+map by identity; the arithmetic is in ``backend``."""
 
 import numpy as np
 
 from mindspore import Parameter, Tensor, nn
+from mindspore.common.initializer import Normal, initializer
 
-from . import backend
+from .. import backend
 
 
 def linear(in_dim: int, out_dim: int, bias: bool = True) -> nn.Dense:
-    """``nn.Dense`` with a torch-layout (out, in) weight; initial values come from a checkpoint or ``init_weights``."""
+    """``nn.Dense`` with a torch-layout (out, in) weight; initial values come from a checkpoint or training init."""
     return nn.Dense(in_dim, out_dim, has_bias=bias, weight_init="xavier_uniform", bias_init="zeros")
+
+
+def zero_linear(in_dim: int, out_dim: int) -> nn.Dense:
+    """A linear that starts at zero (adaLN, gates and output layers of the DiTs: the block starts as the identity)."""
+    return nn.Dense(in_dim, out_dim, weight_init="zeros", bias_init="zeros")
+
+
+def normal_parameter(shape: tuple, std: float = 0.02) -> Parameter:
+    return Parameter(initializer(Normal(sigma=std), shape))
 
 
 class LayerNorm(nn.Cell):
@@ -32,15 +42,18 @@ class LayerNorm(nn.Cell):
 
 
 class RMSNorm(nn.Cell):
-    """LLaMA-style RMSNorm: ``norm(x.float()).type_as(x) * weight``."""
+    """RMSNorm in fp32. LLaMA form: ``norm(x.float()).type_as(x) * weight``; with ``offset`` (Gemma) the scale is
+    ``1 + weight`` and the product is also taken in fp32 before the cast."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, offset: bool = False):
         super().__init__()
-        self.eps = eps
-        self.fused = backend.use_fused_kernels()
-        self.weight = Parameter(Tensor(np.ones(dim, np.float32)))
+        self.eps, self.offset = eps, offset
+        self.fused = backend.use_fused_kernels() and not offset
+        self.weight = Parameter(Tensor(np.full(dim, 0.0 if offset else 1.0, np.float32)))  # identity scale
 
     def construct(self, x):
+        if self.offset:
+            return backend.rms_norm_offset(x, self.weight, self.eps)
         return backend.rms_norm(x, self.weight, self.eps, self.fused)
 
 

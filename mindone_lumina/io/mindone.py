@@ -13,16 +13,12 @@ diffusers' PyTorch classes are called. The adapters below give the project's Cel
 
 On CPU, mindone's ``get_2d_rotary_pos_embed_lumina`` cannot run (``mint.arange`` has no CPU kernel), so
 ``mindone_pipeline`` installs ``portable_rope_table`` (the same complex table, built by NumPy from
-``rope.frequencies``) in mindone's Lumina pipeline module when ``backend.use_fused_kernels()`` is false. On Ascend
-mindone's own function is left in place.
+``rope.frequencies``) in mindone's Lumina pipeline module there. On Ascend mindone's own function is left in place.
 
-``save_*`` write each component in the diffusers layout (``config.json`` + safetensors with diffusers parameter names)
-and ``save_pipeline`` a whole pipeline with ``model_index.json``, which diffusers (PyTorch), mindone and
-``LuminaNextPipeline.from_pretrained`` load. Every folder is written under a temporary name and renamed at the end.
+Folders in the diffusers layout, which mindone's own classes load too, are written by ``diffusers_io``.
 """
 
 import dataclasses
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,12 +26,11 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint
 
-from . import backend, checkpoint_io, gemma, nextdit, rope
-from . import vae as vae_lib
-from .nextdit_weights import diffusers_config, layout_tensors
-
-DIFFUSERS_VERSION = "0.35.2"  # the version whose loaders the saved folders are tested against
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+from .. import backend, rope
+from ..models import nextdit
+from ..models import vae as vae_lib
+from ..text.gemma import GemmaConfig
+from .diffusers_io import transformer_config_json, vae_config_json
 
 
 class FrozenConfig(dict):
@@ -61,7 +56,7 @@ class NextDiTAdapter:
         if not isinstance(model, nextdit.NextDiT):
             raise ValueError(f"expected a NextDiT, got {type(model).__name__}")
         self.model = model
-        self.config = FrozenConfig({**diffusers_config(model.cfg), "sample_size": sample_size})
+        self.config = FrozenConfig(transformer_config_json(model.cfg, sample_size))
         self.head_dim = model.cfg.head_dim
 
     @property
@@ -128,9 +123,9 @@ class _PenultimateOnly(tuple):
 
 
 class GemmaAdapter:
-    """A ``GemmaEncoder`` called as transformers' ``GemmaModel`` is by the Lumina pipeline."""
+    """A Gemma ``DecoderEncoder`` called as transformers' ``GemmaModel`` is by the Lumina pipeline."""
 
-    def __init__(self, encoder: gemma.GemmaEncoder):
+    def __init__(self, encoder):
         self.encoder = encoder
         self.config = FrozenConfig(dataclasses.asdict(encoder.cfg))
 
@@ -152,7 +147,7 @@ class AutoencoderKLAdapter:
     def __init__(self, vae: vae_lib.AutoencoderKL, tiling: vae_lib.Tiling | None = None):
         self.vae = vae
         self.tiling = tiling
-        self.config = FrozenConfig(_vae_config(vae.cfg))
+        self.config = FrozenConfig(vae_config_json(vae.cfg))
 
     @property
     def dtype(self):
@@ -173,7 +168,7 @@ class AutoencoderKLAdapter:
 def install_portable_rope() -> bool:
     """Put ``portable_rope_table`` in mindone's Lumina pipeline module where mindone's own cannot run (CPU).
     Returns whether it was installed."""
-    if backend.use_fused_kernels():
+    if not backend.is_cpu():
         return False
     from mindone.diffusers.pipelines.lumina import pipeline_lumina
 
@@ -182,123 +177,22 @@ def install_portable_rope() -> bool:
 
 
 def mindone_pipeline(pipe, scheduler=None):
-    """A ``mindone.diffusers.LuminaPipeline`` running the components of a ``LuminaNextPipeline`` (which must have a
-    VAE: mindone's pipeline always decodes through one, with a fixed 8x factor)."""
+    """A ``mindone.diffusers.LuminaPipeline`` running the components of a ``TextToImagePipeline`` (which must have a
+    VAE: mindone's pipeline always decodes through one, with a fixed 8x factor); lazy components are loaded."""
     from mindone.diffusers import FlowMatchEulerDiscreteScheduler, LuminaPipeline
 
     if pipe.vae is None:
         raise ValueError("mindone's LuminaPipeline needs a VAE (8x); this pipeline works in pixel space")
     if pipe.vae.cfg.downsample_factor != 8:
         raise ValueError(f"mindone's LuminaPipeline assumes an 8x VAE, this one is {pipe.vae.cfg.downsample_factor}x")
-    if not isinstance(pipe.text_encoder, gemma.GemmaEncoder):
+    if not isinstance(pipe.text_encoder.cfg, GemmaConfig):
         raise ValueError("mindone's LuminaPipeline is Lumina-Next's: it needs the Gemma encoder, not LLaMA")
+    pipe.load_all()
     install_portable_rope()
-    sample_size = pipe.train_size // 8
     return LuminaPipeline(
-        transformer=NextDiTAdapter(pipe.transformer, sample_size),
+        transformer=NextDiTAdapter(pipe.transformer, pipe.train_size // 8),
         scheduler=scheduler or FlowMatchEulerDiscreteScheduler(),
         vae=AutoencoderKLAdapter(pipe.vae, pipe.vae_tiling),
         text_encoder=GemmaAdapter(pipe.text_encoder),
         tokenizer=pipe.tokenizer,
     )
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Saving in the diffusers layout (loading: pipeline.load_transformer, gemma.load_gemma, vae.load_vae, or
-# LuminaNextPipeline.from_pretrained for a whole folder)
-# ------------------------------------------------------------------------------------------------------------------
-def _vae_config(cfg: vae_lib.VAEConfig) -> dict:
-    levels = len(cfg.block_out_channels)
-    return {
-        "_class_name": "AutoencoderKL",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        **dataclasses.asdict(cfg),
-        "block_out_channels": list(cfg.block_out_channels),
-        "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "act_fn": "silu",
-    }
-
-
-def _specs(named_params, names=None) -> list:
-    out = []
-    for i, p in enumerate(named_params):
-        dtype = {ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16"}[p.dtype]
-        name = p.name if names is None else names[i]
-        out.append(checkpoint_io.TensorSpec(name, tuple(p.shape), dtype, lambda p=p: p.astype(ms.float32).asnumpy()))
-    return out
-
-
-def _write_transformer(model: nextdit.NextDiT, folder: str, sample_size: int):
-    specs = layout_tensors(_specs(model.get_parameters()), "diffusers")
-    checkpoint_io.write_safetensors(os.path.join(folder, WEIGHTS_NAME), specs, {"format": "pt"})
-    conf = {**diffusers_config(model.cfg), "sample_size": sample_size, "_diffusers_version": DIFFUSERS_VERSION}
-    checkpoint_io.write_json(os.path.join(folder, "config.json"), conf)
-
-
-def _write_vae(vae: vae_lib.AutoencoderKL, folder: str):
-    specs = _specs(vae.get_parameters())  # the project's VAE names are diffusers' (vae.DIFFUSERS_RULES)
-    checkpoint_io.write_safetensors(os.path.join(folder, WEIGHTS_NAME), specs, {"format": "pt"})
-    checkpoint_io.write_json(os.path.join(folder, "config.json"), _vae_config(vae.cfg))
-
-
-def save_transformer(model: nextdit.NextDiT, folder: str, sample_size: int) -> None:
-    """A diffusers ``transformer/`` folder that ``diffusers.LuminaNextDiT2DModel.from_pretrained`` loads;
-    ``sample_size`` is the latent side of the training area (128 for 1024 px through the 8x VAE)."""
-    with checkpoint_io.staged_folder(folder) as tmp:
-        _write_transformer(model, tmp, sample_size)
-
-
-def save_vae(vae: vae_lib.AutoencoderKL, folder: str) -> None:
-    """A diffusers ``vae/`` folder that ``diffusers.AutoencoderKL.from_pretrained`` loads."""
-    with checkpoint_io.staged_folder(folder) as tmp:
-        _write_vae(vae, tmp)
-
-
-def save_text_encoder(encoder: gemma.GemmaEncoder, tokenizer, folder: str) -> None:
-    """A Hugging Face ``GemmaModel`` folder (config, safetensors, tokenizer files)."""
-    state = {p.name: p.astype(ms.float32).asnumpy() for p in encoder.get_parameters()}
-    gemma.save_gemma(folder, encoder.cfg, state, tokenizer)
-
-
-def save_pipeline(pipe, folder: str) -> None:
-    """A diffusers-layout pipeline folder: ``model_index.json`` (``LuminaPipeline``), ``transformer/``,
-    ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and ``vae/`` (none for a pixel-space model)."""
-    if not isinstance(pipe.transformer, nextdit.NextDiT) or not isinstance(pipe.text_encoder, gemma.GemmaEncoder):
-        raise ValueError("the diffusers layout holds Lumina-Next (Next-DiT + Gemma); Lumina-T2I has none")
-    with checkpoint_io.staged_folder(folder) as tmp:
-        factor = 1 if pipe.vae is None else pipe.vae.cfg.downsample_factor
-        _write_transformer(pipe.transformer, os.path.join(tmp, "transformer"), pipe.train_size // factor)
-        save_text_encoder(pipe.text_encoder, pipe.tokenizer, os.path.join(tmp, "text_encoder"))
-        pipe.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-        if pipe.vae is not None:
-            _write_vae(pipe.vae, os.path.join(tmp, "vae"))
-        os.makedirs(os.path.join(tmp, "scheduler"))
-        scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
-                     "num_train_timesteps": 1000, "shift": 1.0}  # fmt: skip
-        checkpoint_io.write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), scheduler)
-        index = {
-            "_class_name": "LuminaPipeline",
-            "_diffusers_version": DIFFUSERS_VERSION,
-            "transformer": ["diffusers", "LuminaNextDiT2DModel"],
-            "text_encoder": ["transformers", "GemmaModel"],
-            "tokenizer": ["transformers", "GemmaTokenizerFast"],
-            "vae": [None, None] if pipe.vae is None else ["diffusers", "AutoencoderKL"],
-            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        }  # the training size is transformer/config.json's sample_size times the VAE factor
-        checkpoint_io.write_json(os.path.join(tmp, "model_index.json"), index)
-
-
-__all__ = [
-    "AutoencoderKLAdapter",
-    "GemmaAdapter",
-    "NextDiTAdapter",
-    "install_portable_rope",
-    "mindone_pipeline",
-    "portable_rope_table",
-    "rope_from_complex",
-    "save_pipeline",
-    "save_text_encoder",
-    "save_transformer",
-    "save_vae",
-]

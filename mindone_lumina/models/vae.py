@@ -2,7 +2,7 @@
 
 Ported from diffusers 0.35.2 ``models/autoencoders/{autoencoder_kl,vae}.py``, ``models/resnet.py``,
 ``models/{upsampling,downsampling}.py`` and ``models/unets/unet_2d_blocks.py`` (Apache-2.0, the HuggingFace team).
-Parameter names are the diffusers names, so ``DIFFUSERS_RULES`` is an identity table. Deviations, all deliberate:
+Parameter names are the diffusers names, so checkpoints load by identity. Deviations, all deliberate:
 
 * Only the ``AutoencoderKL`` used by SD/SDXL: ``DownEncoderBlock2D``/``UpDecoderBlock2D``, SiLU, GroupNorm; no spatial
   norm, no gradient checkpointing, no tiled *encoding*, no slicing (the batch is decoded in one call).
@@ -17,10 +17,7 @@ Latent convention (spec section 5): the denoiser works on ``scaling_factor * (me
 ``latents_to_images`` decodes ``z / scaling_factor + shift_factor``.
 """
 
-import dataclasses
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,10 +26,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn
 from mindspore.common.initializer import HeUniform, initializer
 
-from . import backend, checkpoint_io
-from .convert import RuleTable, rename_to_project
-from .layers import cast_parameters, linear
-from .loading import load_state_dict
+from .. import backend
+from .layers import linear
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -72,29 +67,6 @@ class VAEConfig:
     def downsample_factor(self) -> int:
         """Image pixels per latent pixel along each axis (8 for SD/SDXL)."""
         return 2 ** (len(self.block_out_channels) - 1)
-
-    @classmethod
-    def from_diffusers_config(cls, config: dict) -> "VAEConfig":
-        """Build from a diffusers ``vae/config.json`` dict; refuses settings this port does not implement."""
-        if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ValueError(f"expected an AutoencoderKL config, got _class_name {config['_class_name']!r}")
-        levels = len(config.get("block_out_channels", (64,)))
-        supported = {
-            "act_fn": "silu",
-            "down_block_types": ["DownEncoderBlock2D"] * levels,
-            "up_block_types": ["UpDecoderBlock2D"] * levels,
-        }
-        for key, value in supported.items():
-            got = config.get(key, value)
-            if (list(got) if isinstance(value, list) else got) != value:
-                raise ValueError(f"unsupported AutoencoderKL setting {key}={got!r}; expected {value!r}")
-        # diffusers' own defaults for fields the file may omit; sample_size may be a (h, w) pair
-        defaults = {"block_out_channels": (64,), "layers_per_block": 1, "scaling_factor": 0.18215, "sample_size": 32}
-        fields = {f.name for f in dataclasses.fields(cls)}
-        args = {**defaults, **{k: v for k, v in config.items() if k in fields}}
-        if isinstance(args["sample_size"], list | tuple):
-            args["sample_size"] = int(args["sample_size"][0])
-        return cls(**args)
 
 
 PRESETS = {
@@ -222,34 +194,25 @@ class Upsample2D(nn.Cell):
         return self.conv(mint.nn.functional.interpolate(x, size=(2 * h, 2 * w), mode="nearest"))  # (B, C, 2H, 2W)
 
 
-class DownEncoderBlock2D(nn.Cell):
-    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, downsample: bool):
+class ResnetStack(nn.Cell):
+    """ResnetBlock2Ds, then a x2 resampler: diffusers' ``DownEncoderBlock2D`` (``resample`` "down", a stride-2 conv in
+    ``downsamplers``) or ``UpDecoderBlock2D`` ("up", nearest x2 and a conv in ``upsamplers``); None: last level."""
+
+    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, resample: str | None):
         super().__init__()
         self.resnets = nn.CellList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(layers)])
-        self.downsample = downsample
-        if downsample:
+        self.resample = resample
+        if resample == "down":
             self.downsamplers = nn.CellList([Downsample2D(out_ch)])
-
-    def construct(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.downsample:
-            x = self.downsamplers[0](x)
-        return x
-
-
-class UpDecoderBlock2D(nn.Cell):
-    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, upsample: bool):
-        super().__init__()
-        self.resnets = nn.CellList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(layers)])
-        self.upsample = upsample
-        if upsample:
+        elif resample == "up":
             self.upsamplers = nn.CellList([Upsample2D(out_ch)])
 
     def construct(self, x):
         for resnet in self.resnets:
             x = resnet(x)
-        if self.upsample:
+        if self.resample == "down":
+            x = self.downsamplers[0](x)
+        elif self.resample == "up":
             x = self.upsamplers[0](x)
         return x
 
@@ -280,7 +243,9 @@ class Encoder(nn.Cell):
         self.conv_in = _conv(cfg.in_channels, chs[0], 3)
         self.down_blocks = nn.CellList(
             [
-                DownEncoderBlock2D(chs[max(i - 1, 0)], chs[i], cfg.layers_per_block, groups, i < levels - 1)
+                ResnetStack(
+                    chs[max(i - 1, 0)], chs[i], cfg.layers_per_block, groups, "down" if i < levels - 1 else None
+                )
                 for i in range(levels)
             ]
         )
@@ -306,7 +271,9 @@ class Decoder(nn.Cell):
         self.mid_block = UNetMidBlock2D(chs[0], groups, cfg.mid_block_add_attention)
         self.up_blocks = nn.CellList(
             [
-                UpDecoderBlock2D(chs[max(i - 1, 0)], chs[i], cfg.layers_per_block + 1, groups, i < levels - 1)
+                ResnetStack(
+                    chs[max(i - 1, 0)], chs[i], cfg.layers_per_block + 1, groups, "up" if i < levels - 1 else None
+                )
                 for i in range(levels)
             ]
         )
@@ -496,69 +463,3 @@ def images_to_latents(vae: AutoencoderKL, images, sample: bool = False, seed: in
     z = posterior.sample(seed) if sample else posterior.mean
     z = z.astype(ms.float32).asnumpy()
     return (z - (vae.cfg.shift_factor or 0.0)) * vae.cfg.scaling_factor
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Loading (the Cells above never touch files)
-# ------------------------------------------------------------------------------------------------------------------
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
-
-def vae_folder(path: str) -> str:
-    """A diffusers ``vae/`` folder, or a pipeline folder holding one."""
-    for folder in (path, os.path.join(path, "vae")):
-        if os.path.isfile(os.path.join(folder, "config.json")):
-            return folder
-    raise ValueError(f"{path}: no config.json here or in {os.path.join(path, 'vae')}; expected a diffusers vae folder")
-
-
-def load_config(path: str) -> VAEConfig:
-    folder = vae_folder(path)
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            return VAEConfig.from_diffusers_config(json.load(f))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"cannot read {os.path.join(folder, 'config.json')}: {e}") from e
-
-
-def load_vae(path: str, dtype=ms.float32) -> AutoencoderKL:
-    """Build an ``AutoencoderKL`` from a diffusers ``vae/`` folder (config.json + safetensors), strictly."""
-    backend.check_dtype_supported(dtype)
-    folder = vae_folder(path)
-    vae = AutoencoderKL(load_config(folder))
-    weights = os.path.join(folder, WEIGHTS_NAME)
-    source = weights if os.path.isfile(weights) else folder  # else: exactly one safetensors file or a sharded index
-    names = [p.name for p in vae.get_parameters()]
-    state = rename_to_project(checkpoint_io.read_state_dict(source), DIFFUSERS_RULES, expected=names)
-    load_state_dict(vae, state, what=source)
-    return cast_parameters(vae, dtype)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Checkpoint layout: diffusers ``AutoencoderKL`` names are the project's names. ``RuleTable`` patterns hold one
-# ``{i}``, so the block index is spelled out for up to ``_MAX_LEVELS`` levels and ``{i}`` is the layer within a block.
-# ------------------------------------------------------------------------------------------------------------------
-_MAX_LEVELS = 8
-_WB = ("weight", "bias")
-_RESNET = tuple(f"{m}.{p}" for m in ("norm1", "conv1", "norm2", "conv2", "conv_shortcut") for p in _WB)
-_ATTENTION = tuple(f"{m}.{p}" for m in ("group_norm", "to_q", "to_k", "to_v", "to_out.0") for p in _WB)
-
-
-def _same(*names):
-    return tuple((n, (n,)) for n in names)
-
-
-def _diffusers_rules() -> tuple:
-    rows = []
-    for part, blocks, sampler in (("encoder", "down_blocks", "downsamplers"), ("decoder", "up_blocks", "upsamplers")):
-        rows += _same(*(f"{part}.{m}.{p}" for m in ("conv_in", "conv_norm_out", "conv_out") for p in _WB))
-        rows += _same(*(f"{part}.mid_block.resnets.{{i}}.{p}" for p in _RESNET))
-        rows += _same(*(f"{part}.mid_block.attentions.0.{p}" for p in _ATTENTION))
-        for level in range(_MAX_LEVELS):
-            rows += _same(*(f"{part}.{blocks}.{level}.resnets.{{i}}.{p}" for p in _RESNET))
-            rows += _same(*(f"{part}.{blocks}.{level}.{sampler}.0.conv.{p}" for p in _WB))
-    rows += _same(*(f"{conv}.{p}" for conv in ("quant_conv", "post_quant_conv") for p in _WB))
-    return tuple(rows)
-
-
-DIFFUSERS_RULES = RuleTable("vae-diffusers", _diffusers_rules())

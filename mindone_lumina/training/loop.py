@@ -1,0 +1,121 @@
+"""The loop every recipe shares (resume, steps, logging, saving), the data-parallel set-up under msrun, and the
+command line of the training tools."""
+
+import argparse
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Tensor
+
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .recipe import Recipe, lr_at
+from .step import Trainer
+
+
+def _progress_bar(start: int, end: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=end, initial=start, disable=not enabled, desc="training", unit="step", leave=False)
+
+
+def data_parallel_world() -> tuple:
+    """(rank, world size): (0, 1) in a plain process; under msrun, communication initialised and data-parallel mode
+    set (gradients mean-reduced), one data shard per rank. Call after ``ms.set_device``."""
+    if int(os.environ.get("MS_WORKER_NUM", "1")) <= 1:
+        return 0, 1
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
+    return get_rank(), get_group_size()
+
+
+def fit(cfg: Recipe, trainer: Trainer, batch_at, what: str, rank=0, world=1, log=print, stop_after=None, progress=True):
+    """The loop every recipe shares: resume from ``output/checkpoints/latest``, run the steps, log, save.
+
+    ``batch_at(index)`` gives micro-batch ``index`` (``step * grad_accum + micro``) of this rank as (Tensors for
+    ``trainer.step``, sample indices). Returns the trainer with ``history`` (step, loss, lr) and ``seen`` (indices).
+    """
+    start = 0
+    resume = latest_checkpoint(cfg.output)
+    if resume:
+        state = load_checkpoint(resume, trainer)
+        start = state["step"]
+        if trainer.scaled and "loss_scale" in state:  # fp16: continue with the scaler's state
+            trainer.scaler.scale_value.set_data(Tensor(state["loss_scale"], ms.float32))
+            trainer.scaler.counter.set_data(Tensor(state["loss_scale_counter"], ms.int32))
+        trainer.skipped.set_data(Tensor(state.get("skipped_steps", 0), ms.int32))
+        log(f"resumed from {resume} at step {start}")
+    log(f"{what}, start step {start}")
+    history, seen = [], []
+    t_log = time.perf_counter()
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = _progress_bar(start, end, enabled=progress and rank == 0)
+    for step in range(start, end):
+        lr = Tensor(lr_at(cfg, step), ms.float32)
+        losses = []
+        for micro in range(cfg.grad_accum):
+            batch, idx = batch_at(step * cfg.grad_accum + micro)
+            seen.extend(int(i) for i in idx)
+            if micro + 1 < cfg.grad_accum:
+                losses.append(float(trainer.accumulate(*batch).asnumpy()))
+            else:
+                loss, grad_norm = trainer.step(lr, *batch)
+                losses.append(float(loss.asnumpy()))
+                grad_norm = float(grad_norm.asnumpy())
+        bar.update(1)
+        history.append((step + 1, float(np.mean(losses)), lr_at(cfg, step)))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+            rate = cfg.log_every * cfg.batch_size * cfg.grad_accum * world / (time.perf_counter() - t_log)
+            line = (f"step {step + 1}/{cfg.steps} loss {history[-1][1]:.4f} lr {history[-1][2]:.2e} "
+                    f"grad_norm {grad_norm:.3f} {rate:.1f} samples/s")  # fmt: skip
+            if trainer.scaled:
+                scale = float(trainer.scaler.scale_value.asnumpy())
+                line += f" loss_scale {scale:g} skipped {int(trainer.skipped.asnumpy())}"
+            log(line)
+            t_log = time.perf_counter()
+        if (step + 1) % cfg.save_every == 0 or step + 1 == end:
+            # under ZeRO gathering the optimizer state is a collective: every rank takes part, rank 0 writes
+            opt = trainer.optimizer_state() if rank == 0 or trainer.zero is not None else None
+            if rank == 0:
+                state = {"history": history[-cfg.save_every :], "skipped_steps": int(trainer.skipped.asnumpy())}
+                if trainer.scaled:
+                    state["loss_scale"] = float(trainer.scaler.scale_value.asnumpy())
+                    state["loss_scale_counter"] = int(trainer.scaler.counter.asnumpy())
+                save_checkpoint(cfg.output, trainer, step + 1, state, opt)
+    bar.close()
+    if world > 1:  # every rank leaves after rank 0's last save, so a relaunch resumes from it on every rank
+        from mindspore.mint.distributed import barrier
+
+        barrier()
+    trainer.history, trainer.seen = history, seen
+    return trainer
+
+
+def run_tool(description: str, recipe_cls, train_fn, export_fn, argv=None) -> None:
+    """The command line of a training tool (``tools/train.py``, ``tools/train_vae.py``): a YAML recipe with
+    overrides, the device, msrun data parallel, and an export of the result by rank 0."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help=f"YAML recipe (the fields of {recipe_cls.__name__})")
+    p.add_argument("--output", default=None, help="run folder (default: the recipe's output)")
+    p.add_argument("--data", default=None, help="data folder (default: the recipe's data)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's steps)")
+    if "init" in {f.name for f in dataclasses.fields(recipe_cls)}:
+        p.add_argument(
+            "--init", default=None, help="fine-tune from this checkpoint (any format tools/convert.py reads)"
+        )
+    p.add_argument("--device", default="CPU", choices=["CPU", "Ascend"], help="device (default: CPU)")
+    p.add_argument("--export", default=None, help="write the trained model (EMA weights) to this folder")
+    args = vars(p.parse_args(argv))
+    overrides = {k: args.pop(k) for k in ("output", "data", "steps", "init") if k in args}
+    cfg = recipe_cls.from_yaml(args["config"], **overrides)
+    ms.set_device(args["device"])
+    rank, world = data_parallel_world()
+    trainer = train_fn(cfg, rank, world)
+    if args["export"] and rank == 0:
+        note = export_fn(cfg, trainer, args["export"])
+        print(f"exported {args['export']}" + (f" ({note})" if note else ""))

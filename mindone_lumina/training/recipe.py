@@ -1,0 +1,117 @@
+"""Training recipes: the fields every recipe has (images, optimiser, loop) and the Next-DiT flow-matching recipe.
+``configs/*.yaml`` map onto a recipe's fields one to one; unknown or missing keys are errors naming them."""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import yaml
+
+from ..dtypes import SHORT
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """What every training recipe has: images, the optimiser, the loop. ``configs/*.yaml`` map onto the fields of a
+    subclass one to one (unknown keys are an error)."""
+
+    data: str  # folder with images and captions.jsonl ({"image": relpath, "caption": str} per line)
+    output: str  # run folder: checkpoints/, cache/, exports
+    resolution: int = 1024  # pixels per side of the target area; buckets keep about resolution^2 pixels
+    aspect_ratios: tuple = (1.0,)  # width / height of the buckets
+    bucket_multiple: int = 16
+    batch_size: int = 8
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 1e-4
+    lr_schedule: str = "constant"  # or "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    seed: int = 0
+    save_every: int = 500
+    log_every: int = 50
+    mode: str = "graph"
+    precision: str = "fp32"  # compute dtype: fp32, fp16 (CPU and Ascend) or bf16 (Ascend); weights stay fp32
+    loss_scale: float = 4096.0  # initial dynamic loss scale for fp16 (halved on overflow, doubled after 1000 steps)
+    zero_stage: int = 0  # 1: AdamW state sharded across the data-parallel ranks (mindone ZeRO stage 1)
+
+    def __post_init__(self):
+        object.__setattr__(self, "aspect_ratios", tuple(self.aspect_ratios))
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.mode not in ("graph", "pynative"):
+            raise ValueError(f"mode must be graph or pynative, got {self.mode!r}")
+        if self.precision not in SHORT:
+            raise ValueError(f"precision must be one of {sorted(SHORT)}, got {self.precision!r}")
+        if self.precision != "fp32" and self.mode != "graph":
+            # measured: MindSpore 2.10 PyNative with Cell.to_float(fp16) returns NaN for Next-DiT on CPU
+            raise ValueError(f"precision {self.precision} needs mode graph (mixed precision is cast by the compiler)")
+        if self.zero_stage not in (0, 1):
+            # stages 2-3 shard gradients with ReduceScatter, which MindSpore 2.10 lacks on CPU: they could not be tested
+            raise ValueError(f"zero_stage must be 0 or 1 (stages 2 and 3 are not implemented), got {self.zero_stage}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("batch_size", "grad_accum", "steps", "save_every", "log_every", "resolution"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides):
+        """The recipe in the YAML file ``path``; ``overrides`` that are not None replace its keys."""
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot read recipe {path}: {e}") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a recipe is a mapping of keys to values, got {type(raw).__name__}")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(raw) - {f.name for f in fields})
+        if unknown:
+            raise ValueError(f"{path}: unknown recipe key(s) {unknown}; known keys: {sorted(f.name for f in fields)}")
+        missing = [
+            f.name for f in fields if f.name not in raw and dataclasses.MISSING is f.default is f.default_factory
+        ]
+        if missing:
+            raise ValueError(f"{path}: the recipe needs key(s) {missing}")
+        return cls(**raw)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(Recipe):
+    """A Next-DiT flow-matching recipe (``tools/train.py``)."""
+
+    model: dict | str = "nextdit-2b-gqa"  # a Next-DiT preset or constructor arguments
+    text_encoder: str = ""  # Hugging Face Gemma folder (config, safetensors, tokenizer files)
+    vae: str | None = None  # diffusers vae/ folder; None trains in pixel space (images in [-1, 1])
+    caption_dropout: float = 0.1  # to the empty prompt, for classifier-free guidance
+    max_caption_tokens: int = 256
+    t_sampling: str = "uniform"  # or "logit_normal"
+    recompute: bool = False
+    init: str | None = None  # a Next-DiT checkpoint in any format the converter reads
+    sampling: dict = dataclasses.field(default_factory=dict)  # SampleSettings defaults recorded with the export
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.t_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"t_sampling must be uniform or logit_normal, got {self.t_sampling!r}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+
+def lr_at(cfg: Recipe, step: int) -> float:
+    """Linear warm-up, then constant or cosine decay to 0 at ``cfg.steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data: buckets, images, cached latents and caption features
+# ------------------------------------------------------------------------------------------------------------------
