@@ -13,6 +13,9 @@ setup(
         "ml_dtypes==0.5.1",  # imported by mindone.trainers (ZeRO), not declared by mindone 0.5.0
         "transformers==4.57.1",
         "numpy<2",
+        # mindone needs opencv-python (any version); every release after 4.11 needs numpy>=2, so an unpinned resolve
+        # downloads and discards several 60-70 MB wheels before it settles on 4.11: name the one that fits numpy<2
+        "opencv-python<4.12",
         "pillow",
         "safetensors",
         "huggingface-hub",

@@ -33,12 +33,27 @@ def transformer_plan(path: str, arch=None, ema=False, dtype="keep", allow_inexac
     """(family ``weights.dit.DiTWeights``, config, ``TensorSpec``s) of any DiT checkpoint, the architecture being
     ``arch`` (preset, JSON, dict, config), else a diffusers folder's ``config.json``, else the one recorded with the
     weights. Nothing is read but headers (and, for diffusers, the twice-stored query, to compare its copies)."""
+    path, family, arch = _family_and_arch(path, arch, ema)
+    cfg, specs = family.plan(path, arch, ema, dtype, allow_inexact_merge)
+    return family, cfg, specs
+
+
+def _family_and_arch(path: str, arch=None, ema=False) -> tuple:
+    """(weights path, family, architecture or None = the one recorded with the weights) of a DiT checkpoint."""
     path = transformer_path(path)
     family = FLAGDIT if FLAGDIT.is_family(path, ema) else NEXTDIT
     if arch is None and family is NEXTDIT and os.path.isfile(os.path.join(path, "config.json")):
         arch = component_config(path, transformer_config)
-    cfg, specs = family.plan(path, arch, ema, dtype, allow_inexact_merge)
-    return family, cfg, specs
+    return path, family, arch
+
+
+def dit_config(path: str, arch=None, ema=False):
+    """The config ``transformer_plan`` finds for the DiT at ``path``, from config files and weight headers only: no
+    tensor is read (a command line checks sizes against it before loading anything)."""
+    path, family, arch = _family_and_arch(path, arch, ema)
+    if not os.path.exists(path):
+        open_checkpoint(path)  # the reader's own "not found" error
+    return family.resolve_config(path, arch)
 
 
 def build_transformer(family, cfg, specs, dtype=ms.float32, what: str = "transformer"):
@@ -67,12 +82,13 @@ def load_tokenizer(folder: str, cfg):
     return tokenizers.load_tokenizer(folder, cfg.MODEL_TYPE)
 
 
-def load_vae(path: str, dtype=ms.float32) -> AutoencoderKL:
-    """An ``AutoencoderKL`` from a diffusers ``vae/`` folder (or a pipeline folder holding one), strictly."""
+def load_vae(path: str, dtype=ms.float32, into: AutoencoderKL | None = None) -> AutoencoderKL:
+    """An ``AutoencoderKL`` from a diffusers ``vae/`` folder (or a pipeline folder holding one), strictly; ``into``:
+    fill this model instead of a new one (a training run's starting weights; every shape must match)."""
     backend.check_dtype_supported(dtype)
     folder = vae_folder(path)
     weights = os.path.join(folder, WEIGHTS_NAME)
-    vae = empty(AutoencoderKL, component_config(folder, vae_config))
+    vae = into if into is not None else empty(AutoencoderKL, component_config(folder, vae_config))
     reader = open_checkpoint(weights if os.path.isfile(weights) else folder)  # else: one weights file or an index
     return load_specs(vae, convert_tensors(reader, None, param_shapes(vae), what=folder), folder, dtype)
 

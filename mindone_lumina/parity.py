@@ -288,11 +288,11 @@ def run(model: str | None, dtypes=DTYPES, modes=tuple(MODES), out: str = "parity
     unknown = sorted(set(dtypes) - set(DTYPES)) + sorted(set(modes) - set(MODES))
     if unknown or not dtypes or not modes:
         raise ValueError(f"unknown or empty dtypes/modes {unknown}; valid dtypes {DTYPES}, modes {tuple(MODES)}")
-    os.makedirs(out, exist_ok=True)
+    if model is not None and not os.path.isfile(os.path.join(model, "model_index.json")):
+        raise ValueError(f"{model} is not a diffusers-layout folder (no model_index.json)")
+    os.makedirs(out, exist_ok=True)  # after the checks: a refused run leaves no folder behind
     if model is None:
         model = build_tiny_model(out)
-    elif not os.path.isfile(os.path.join(model, "model_index.json")):
-        raise ValueError(f"{model} is not a diffusers-layout folder (no model_index.json)")
     pipe = load_reference(model)
     ref, grid = _reference_outputs(pipe, probe)
     rows = []

@@ -35,6 +35,7 @@ from .models import flagdit, nextdit
 from .models import vae as vae_lib
 from .sampling import SampleSettings
 from .text import gemma, llama
+from .text.tokenizers import words
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes-demo")
 LATENT_CHANNELS_GUIDED = 3  # the original guides latent channels 0-2 only (see sampling.combine_guidance)
@@ -70,11 +71,13 @@ class TextToImagePipeline:
             the graph memory of one block). Default: in CPU graph mode, where the whole-model graph's memory grows
             with depth; False: always the whole-model graph.
         defaults: the ``SampleSettings`` a call starts from; prompt_template: applied to every prompt ("{}": as is).
+        vocabulary: the words of the training captions, for a small model that knows no others: a prompt with other
+            words logs one warning naming them. None: any text (a model trained on open captions).
     """
 
     def __init__(self, transformer, text_encoder, tokenizer, vae=None, train_size: int = 1024, vae_tiling=None,
                  shared_block: bool | None = None, defaults: SampleSettings = SampleSettings(), prompt_template="{}",
-                 dtype=None):  # fmt: skip
+                 dtype=None, vocabulary=None):  # fmt: skip
         if text_encoder.cfg.hidden_size != transformer.cfg.cap_feat_dim:
             raise ValueError(f"text encoder width {text_encoder.cfg.hidden_size} != transformer cap_feat_dim "
                              f"{transformer.cfg.cap_feat_dim}")  # fmt: skip
@@ -87,6 +90,7 @@ class TextToImagePipeline:
             defaults,
             prompt_template,
         )
+        self.vocabulary = None if vocabulary is None else frozenset(vocabulary)
         self.dtype = dtype or next(iter(transformer.get_parameters())).dtype
         self.shared_block, self._shared = shared_block, None
         self.offload = isinstance(text_encoder, Lazy)  # components loaded when used; graphs released after use
@@ -126,6 +130,7 @@ class TextToImagePipeline:
         if image is not None and not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
 
+        self._warn_about(prompts)
         start = time.perf_counter()
         cap_feats, cap_mask = self.encode_prompts([self.prompt_template.format(p) for p in prompts], negative_prompt)
         seconds = {"text": time.perf_counter() - start}
@@ -160,6 +165,18 @@ class TextToImagePipeline:
         images = self.decode(final)
         seconds["decode"] = time.perf_counter() - start
         return PipelineOutput(images, final, seconds)
+
+    def _warn_about(self, prompts) -> None:
+        """One warning line per kind: empty prompts (the image follows no text), words outside ``vocabulary``."""
+        empty = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+        if empty:
+            log.warning("prompt %s is empty: the image follows no text (unconditional generation)",
+                        ", ".join(f"#{i + 1}" for i in empty))  # fmt: skip
+        if self.vocabulary is not None:
+            unknown = sorted({w for p in prompts if isinstance(p, str) for w in words(p)} - self.vocabulary)
+            if unknown:
+                log.warning("this model never saw the word(s) %s in training and reads them as noise; it knows: %s",
+                            ", ".join(repr(w) for w in unknown), " ".join(sorted(self.vocabulary)))  # fmt: skip
 
     # --------------------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -289,13 +306,7 @@ class TextToImagePipeline:
         backend.check_dtype_supported(run_dtype)
         if not os.path.exists(source):
             source = _download(source)
-        folder = diffusers_io.read_pipeline(source) if diffusers_io.is_pipeline(source) else None
-        if folder is None and (text_encoder is None or vae is None):
-            raise ValueError(
-                f"{source} is not a pipeline folder (no model_index.json); for an original Lumina-T2X checkpoint also "
-                "pass the text encoder folder (text_encoder=, --text-encoder: Gemma for Lumina-Next, LLaMA-2 for "
-                "Lumina-T2I) and the SDXL-VAE folder (vae=, --vae)"
-            )
+        folder = _pipeline_folder(source, text_encoder, vae)
         if folder is not None:
             log.info("reading %s", folder.describe())
         transformer_src = folder.part("transformer") if folder else source
@@ -322,7 +333,7 @@ class TextToImagePipeline:
         defaults = SampleSettings(**settings.sampling)
         pipe = cls(parts["transformer"], parts["text_encoder"], components.load_tokenizer(tokenizer_dir, encoder_cfg),
                    parts["vae"], settings.train_size, defaults=defaults, prompt_template=settings.prompt_template,
-                   dtype=run_dtype)  # fmt: skip
+                   dtype=run_dtype, vocabulary=settings.vocabulary)  # fmt: skip
         pipe.layout = folder.layout if folder else "original checkpoint"
         return pipe
 
@@ -331,14 +342,48 @@ class TextToImagePipeline:
         ``from_pretrained`` load, with its training size, sampling defaults and prompt template."""
         self.load_all()
         sampling_defaults = {k: getattr(self.defaults, k) for k in diffusers_io.DEFAULT_SAMPLING}
-        settings = diffusers_io.ProjectSettings(self.train_size, self.prompt_template, sampling_defaults)
+        vocabulary = None if self.vocabulary is None else sorted(self.vocabulary)
+        settings = diffusers_io.ProjectSettings(self.train_size, self.prompt_template, sampling_defaults, vocabulary)
         diffusers_io.save_pipeline(folder, settings, self.transformer, self.text_encoder, self.tokenizer, self.vae)
+
+
+def size_factors(source: str, text_encoder: str | None = None, vae: str | None = None) -> tuple | None:
+    """(patch size, VAE downsampling factor) of the pipeline ``from_pretrained`` builds from the same arguments:
+    image sides must be multiples of their product (``size_multiple``). Read from config files and weight headers,
+    before any weights are loaded; None for a hub id not downloaded yet."""
+    if not os.path.exists(source):
+        if _is_hub_id(source):
+            return None
+        raise ValueError(f"{source} does not exist (nor is it a Hugging Face hub id, org/name)")
+    folder = _pipeline_folder(source, text_encoder, vae)
+    patch = components.dit_config(folder.part("transformer") if folder else source).patch_size
+    vae_dir = vae or (folder.part("vae") if folder and folder.has_vae else None)
+    if vae_dir is None:
+        return patch, 1
+    vae_cfg = diffusers_io.component_config(diffusers_io.vae_folder(vae_dir), diffusers_io.vae_config)
+    return patch, vae_cfg.downsample_factor
+
+
+def _pipeline_folder(source: str, text_encoder: str | None, vae: str | None):
+    """The ``PipelineFolder`` at ``source``, or None for an original checkpoint, which needs both other folders."""
+    folder = diffusers_io.read_pipeline(source) if diffusers_io.is_pipeline(source) else None
+    if folder is None and (text_encoder is None or vae is None):
+        raise ValueError(
+            f"{source} is not a pipeline folder (no model_index.json); for an original Lumina-T2X checkpoint also "
+            "pass the text encoder folder (text_encoder=, --text-encoder: Gemma for Lumina-Next, LLaMA-2 for "
+            "Lumina-T2I) and the SDXL-VAE folder (vae=, --vae)"
+        )
+    return folder
+
+
+def _is_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
 def _download(repo_id: str) -> str:
     """Fetch a hub snapshot; offline, say exactly what to download where."""
-    if repo_id.count("/") != 1:
-        raise ValueError(f"{repo_id} is neither a local path nor a Hugging Face hub id (org/name)")
+    if not _is_hub_id(repo_id):
+        raise ValueError(f"{repo_id} does not exist (nor is it a Hugging Face hub id, org/name)")
     try:
         from huggingface_hub import snapshot_download
 

@@ -440,7 +440,7 @@ def test_key_mismatches_are_named(edit, message, tmp_path):
 def test_existing_output_needs_force_and_failed_writes_leave_nothing(tmp_path):
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"precious")
-    with pytest.raises(ValueError, match=r"out\.safetensors already exists; pass force=True \(--force\)"):
+    with pytest.raises(ValueError, match=r"out\.safetensors already exists; pass --force to replace it"):
         cli.main([ORIGINAL, str(out)])
     assert out.read_bytes() == b"precious"
     cli.main([ORIGINAL, str(out), "--force"])

@@ -282,7 +282,7 @@ def test_sample_cli_takes_a_lumina_t2i_checkpoint(t2i_parts, tmp_path):
     args = ["--model", ORIGINAL, "--vae", vae_dir, "--prompt", "a blue square", "--resolution", "32x32", "--steps",
             "3", "--solver", "euler", "--mode", "pynative", "--out", str(tmp_path / "out")]  # fmt: skip
     sample.main([*args, "--text-encoder", llama_dir])
-    assert Image.open(tmp_path / "out" / "000_seed0.png").size == (32, 32)
+    assert Image.open(tmp_path / "out" / "000_a-blue-square_seed0.png").size == (32, 32)
     with pytest.raises(ValueError, match="expected a Gemma-1 or LLaMA config"):
         sample.main([*args, "--gemma", vae_dir])  # the old flag name still works; a VAE folder is no LLaMA
 

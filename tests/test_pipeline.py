@@ -190,17 +190,17 @@ def test_sample_cli_writes_pngs_with_metadata_and_latents(reference, tmp_path):
             "--mode", "pynative", "--out", str(tmp_path / "out"), "--latents", str(noise_file),
             "--save-latents", str(latents_file)]  # fmt: skip
     sample.main(args)
-    image = Image.open(tmp_path / "out" / "000_seed5.png")
+    image = Image.open(tmp_path / "out" / "000_a-small-red-circle-in-the-top-left_seed5.png")
     assert image.size == (32, 32) and image.text["prompt"] == PROMPTS[0] and image.text["seed"] == "5"
     assert json.loads(image.text["settings"])["num_steps"] == 3
     assert np.load(latents_file)["latents"].shape == (1, 4, 4, 4)
     with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
         sample.main(args[:4] + ["--resolution", "32by32"])
-    with pytest.raises(ValueError, match="height must be a positive multiple of 16, got 24"):
+    with pytest.raises(ValueError, match="--resolution 32x24: width and height must be multiples of 16"):
         sample.main(args[:4] + ["--resolution", "32x24", "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
     # settings that need no model fail before a model is looked for
-    for bad, message in ((["--steps", "1"], "num_steps"), (["--cfg", "-1"], "guidance scale")):
+    for bad, message in ((["--steps", "1"], "--steps: must be an integer >= 2"), (["--cfg", "-1"], "--cfg")):
         with pytest.raises(ValueError, match=message):
             sample.main(["--model", str(tmp_path / "no-such-model"), "--prompt", "x", *bad])
 

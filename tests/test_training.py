@@ -16,6 +16,7 @@ from mindone_lumina import training
 from mindone_lumina.io import diffusers_io
 from mindone_lumina.models import vae as vae_lib
 from mindone_lumina.pipeline import SampleSettings, TextToImagePipeline
+from mindone_lumina.text.tokenizers import words
 from mindone_lumina.training import vae as vae_training
 
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "multiple_of": 16, "cap_feat_dim": 32, "in_channels": 3,
@@ -247,8 +248,8 @@ def test_optimizer_steps_equal_torch_adamw(grad_accum):
         for got, want in ((ours[name], p), (ours_ema[name], e)):
             want = want.detach().numpy()
             err = np.linalg.norm(got.asnumpy() - want) / np.linalg.norm(want)
-            # measured <= 5.6e-6 but for one qk-norm bias with grad_accum 2: 1.2e-5 on a 2-core Xeon (an earlier AMD
-            # machine stayed under 1e-5); Adam divides its near-zero gradient by the gradient's own scale
+            # measured <= 5.6e-6 but for one qk-norm bias with grad_accum 2: 1.2e-5 on a 2-core AMD EPYC with AVX-512,
+            # also at the commit before; Adam divides its near-zero gradient by the gradient's own scale
             assert err <= 3e-5, (name, err)
 
 
@@ -313,7 +314,7 @@ def test_exported_pipeline_reloads_and_generates_at_the_training_size(tmp_path, 
     """export_pipeline writes the latent side the VAE gives (2x here, not the SDXL 8x), and the pipeline reads the
     training size back from it. With a VAE the folder is a diffusers pipeline that diffusers loads, with the trained
     (EMA) weights; a pixel-space model has no diffusers pipeline, so no model_index.json claims one."""
-    kw = {"steps": 4, "save_every": 4}
+    kw = {"steps": 4, "save_every": 4, "closed_vocabulary": bool(vae_blocks)}
     if vae_blocks:
         cfg = vae_lib.VAEConfig(block_out_channels=vae_blocks, layers_per_block=1, norm_num_groups=8, sample_size=16)
         diffusers_io.save_component("vae", str(tmp_path / "vae"), vae_lib.AutoencoderKL(cfg))
@@ -326,6 +327,9 @@ def test_exported_pipeline_reloads_and_generates_at_the_training_size(tmp_path, 
         assert json.load(f)["sample_size"] == (8 if vae_blocks else 16)  # latent side at 16 px
     pipe = TextToImagePipeline.from_pretrained(folder)
     assert pipe.train_size == 16 and pipe.downsample == (2 if vae_blocks else 1)
+    captions = [json.loads(line)["caption"] for line in open(os.path.join(cfg.data, "captions.jsonl"))]
+    # closed_vocabulary records the captions' words with the export (prompts with others then warn)
+    assert pipe.vocabulary == ({w for c in captions for w in words(c)} if vae_blocks else None)
     out = pipe(["a red square"], seed=0, settings=SampleSettings(num_steps=3, guidance_scale=1.0), progress=False)
     assert out.images[0].size == (16, 16)
     assert np.isfinite(np.asarray(out.images[0], np.float32)).all()

@@ -14,14 +14,12 @@ Strict: any missing, unexpected or mis-shaped key is an error. ``--verify`` re-r
 tensor with its source, bit for bit.
 """
 
-import argparse
 import os
-import sys
 import time
 
 from tqdm import tqdm
 
-from mindone_lumina import components
+from mindone_lumina import cli, components
 from mindone_lumina.io import diffusers_io
 from mindone_lumina.weights.nextdit import NEXTDIT
 from mindone_lumina.weights.safetensors import verify_safetensors
@@ -30,28 +28,38 @@ from mindone_lumina.weights.tensors import CASTS
 FORMATS = ("mindspore", "original", "diffusers")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser():
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("src", help="checkpoint file or folder")
     p.add_argument("out", help="output .safetensors file (mindspore) or folder (original, diffusers)")
     p.add_argument("--arch", default=None, help="preset or JSON of constructor arguments (default: read from SRC)")
-    p.add_argument("--dtype", default="keep", choices=CASTS, help="cast floating tensors (default: keep)")
+    p.add_argument("--dtype", default="keep", choices=CASTS, help="cast floating tensors")
     p.add_argument("--ema", action="store_true", help="read consolidated_ema.* instead of consolidated.*")
-    p.add_argument("--to", default="mindspore", choices=FORMATS, help="output format (default: mindspore)")
+    p.add_argument("--to", default="mindspore", choices=FORMATS, help="output format")
     p.add_argument("--verify", action="store_true", help="re-read the output and compare every tensor")
     p.add_argument("--force", action="store_true", help="overwrite existing output")
     p.add_argument(
         "--allow-inexact-merge", action="store_true", help="merge model-parallel ranks despite per-rank qk norms"
     )
-    return p.parse_args(argv)
+    return p
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def check_paths(args) -> None:
+    """SRC must exist and OUT be writable (absent unless --force), before anything is read."""
+    cli.existing(args.src, "SRC")
     if args.to == "mindspore" and not args.out.endswith(".safetensors"):
         raise ValueError(f"output {args.out} for the mindspore format must be a .safetensors file path")
     if args.to != "mindspore" and args.out.endswith(".safetensors"):
         raise ValueError(f"output {args.out} for the {args.to} format must be a folder, not a .safetensors file")
+    if args.to == "mindspore":
+        cli.output_file(args.out, "OUT", args.force, "--force")
+    else:
+        cli.output_folder(args.out, "OUT")
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    check_paths(args)
     if diffusers_io.is_pipeline(args.src) and args.to == "diffusers":
         folder = diffusers_io.rewrite_pipeline(args.src, args.out)
         print(f"wrote {folder.describe()}")
@@ -80,7 +88,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # a bad input or an existing output: say what, without a traceback
-        sys.exit(f"convert.py: error: {e}")
+    cli.run(main)

@@ -9,13 +9,11 @@ encoded strings, rows ordered [prompts..., negatives...] as ``TextToImagePipelin
 folder (Lumina-T2I) is encoded the Lumina-T2I way.
 """
 
-import argparse
-
 import numpy as np
 
 import mindspore as ms
 
-from mindone_lumina import components
+from mindone_lumina import cli, components
 from mindone_lumina.atomic import atomic_path
 from mindone_lumina.dtypes import ms_dtype
 from mindone_lumina.text import gemma, llama
@@ -35,22 +33,29 @@ def read_prompts(prompts, prompts_file) -> list:
     return out
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    p = cli.Parser(description=__doc__)
     p.add_argument("--model", required=True, help="Hugging Face Gemma folder (config, safetensors, tokenizer)")
-    p.add_argument("--prompts", nargs="*", default=[], help="prompts to encode")
-    p.add_argument("--prompts-file", help="text file with one prompt per line (empty lines skipped)")
+    p.add_argument("--prompts", nargs="*", default=[], help="prompts to encode (default: none; --prompts, "
+                   "--prompts-file or both)")  # fmt: skip
+    p.add_argument("--prompts-file", help="text file with one prompt per line, empty lines skipped (default: none)")
     neg = p.add_mutually_exclusive_group()
     neg.add_argument("--negative-prompt", default="", help="unconditional prompt for every row (default: empty)")
     neg.add_argument("--no-negative", action="store_true", help="encode the prompts only, without negative rows")
-    p.add_argument("--max-length", type=int, default=256, help="token limit; longer prompts are cut with a warning")
-    p.add_argument("--output", required=True, help="output .npz")
-    p.add_argument("--mode", choices=("graph", "pynative"), default="graph")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    args = p.parse_args(argv)
+    p.add_argument("--max-length", type=cli.integer(1), default=256,
+                   help="token limit; longer prompts are cut with a warning")  # fmt: skip
+    p.add_argument("--output", required=True, help="output .npz (an existing file is replaced)")
+    p.add_argument("--mode", choices=("graph", "pynative"), default="graph", help="MindSpore execution mode")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="encoder dtype")
+    return p
 
-    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     prompts = read_prompts(args.prompts, args.prompts_file)
+    cli.existing(args.model, "--model", "folder")
+    cli.output_file(args.output, "--output", overwrite=True)
+    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     negative = None if args.no_negative else args.negative_prompt
     encoder = components.load_text_encoder(args.model, ms_dtype(args.dtype))
     tokenizer = components.load_tokenizer(args.model, encoder.cfg)
@@ -67,4 +72,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -13,37 +13,41 @@ left out when the checkpoint records its architecture. With ``--cfg-scale`` the 
 its own RoPE scaling ``--rope-scaling-factor`` / ``--ntk-factor`` (``--base-seqlen`` as above).
 """
 
-import argparse
-
 import numpy as np
 
 import mindspore as ms
 from mindspore import Tensor
 
-from mindone_lumina import components, sampling
+from mindone_lumina import cli, components, sampling
 from mindone_lumina.atomic import atomic_path
 from mindone_lumina.dtypes import ms_dtype
 from mindone_lumina.models import flagdit, nextdit
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser():
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="any checkpoint tools/convert.py reads (original, diffusers)")
     p.add_argument("--arch", default=None, help="preset or JSON of the original constructor's arguments (default: "
                    "the architecture recorded with the checkpoint)")  # fmt: skip
     p.add_argument("--inputs", required=True, help="npz with x, t, cap_feats, cap_mask")
-    p.add_argument("--output", required=True, help="npz to write (key 'out')")
-    p.add_argument("--family", default="nextdit", choices=["nextdit", "flagdit"], help="default: nextdit")
-    p.add_argument("--mode", default="graph", choices=["graph", "pynative"], help="default: graph")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="default: fp32")
-    p.add_argument("--device", default="CPU", choices=["CPU", "Ascend"], help="default: CPU")
-    p.add_argument("--cfg-scale", type=float, default=None, help="run the original forward_with_cfg with this scale")
-    p.add_argument("--scale-factor", type=float, default=1.0, help="RoPE extrapolation factor (default: 1 = off)")
-    p.add_argument("--scale-watershed", type=float, default=1.0, help="t below which PI is used, NTK above (1)")
-    p.add_argument("--base-seqlen", type=int, default=None, help="turn proportional attention on with this base")
-    p.add_argument("--rope-scaling-factor", type=float, default=None, help="flagdit: divide RoPE positions by this")
-    p.add_argument("--ntk-factor", type=float, default=None, help="flagdit: multiply the RoPE theta by this")
-    return p.parse_args(argv)
+    p.add_argument("--output", required=True, help="npz to write (key 'out'; an existing file is replaced)")
+    p.add_argument("--family", default="nextdit", choices=["nextdit", "flagdit"], help="DiT family")
+    p.add_argument("--mode", default="graph", choices=["graph", "pynative"], help="MindSpore execution mode")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights and compute dtype")
+    p.add_argument("--device", default="CPU", choices=["CPU", "Ascend"], help="device to run on")
+    p.add_argument("--cfg-scale", type=cli.number(0), default=None,
+                   help="run the original forward_with_cfg with this scale (default: a plain forward)")  # fmt: skip
+    p.add_argument("--scale-factor", type=cli.number(above=0), default=1.0,
+                   help="RoPE extrapolation factor (default: 1 = off)")  # fmt: skip
+    p.add_argument("--scale-watershed", type=cli.number(0, 1), default=1.0,
+                   help="t below which PI is used, NTK above (default: 1)")  # fmt: skip
+    p.add_argument("--base-seqlen", type=cli.integer(1), default=None,
+                   help="turn proportional attention on with this base (default: off)")  # fmt: skip
+    p.add_argument("--rope-scaling-factor", type=cli.number(above=0), default=None,
+                   help="flagdit: divide RoPE positions by this (default: the model config's)")  # fmt: skip
+    p.add_argument("--ntk-factor", type=cli.number(above=0), default=None,
+                   help="flagdit: multiply the RoPE theta by this (default: the model config's)")  # fmt: skip
+    return p
 
 
 def read_inputs(path):
@@ -58,13 +62,15 @@ def read_inputs(path):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
     if args.family == "flagdit" and (args.scale_factor, args.scale_watershed) != (1.0, 1.0):
         raise ValueError("--scale-factor/--scale-watershed are Next-DiT's; Flag-DiT uses --rope-scaling-factor "
                          "and --ntk-factor")  # fmt: skip
     if args.family == "nextdit" and (args.rope_scaling_factor, args.ntk_factor) != (None, None):
         raise ValueError("--rope-scaling-factor/--ntk-factor are Flag-DiT's (--family flagdit)")
-    inputs = read_inputs(args.inputs)
+    cli.existing(args.checkpoint, "--checkpoint")
+    cli.output_file(args.output, "--output", overwrite=True)
+    inputs = read_inputs(cli.existing(args.inputs, "--inputs", "file"))
     ms.set_device(args.device)
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     dtype = ms_dtype(args.dtype)
@@ -90,4 +96,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

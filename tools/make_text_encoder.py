@@ -6,11 +6,11 @@ The weights are drawn as the Hugging Face initialiser draws them (normal(0, std)
 its features still identify the tokens, and the DiT trained on them learns what they mean.
 """
 
-import argparse
 import json
 
 import numpy as np
 
+from mindone_lumina import cli
 from mindone_lumina.io.diffusers_io import save_component
 from mindone_lumina.text.decoder import DecoderEncoder
 from mindone_lumina.text.gemma import GemmaConfig
@@ -18,18 +18,29 @@ from mindone_lumina.text.tokenizers import train_tokenizer
 from mindone_lumina.weights.load import load_state_dict
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser():
+    p = cli.Parser(description=__doc__)
     p.add_argument("--captions", required=True, help="captions.jsonl of the training data")
-    p.add_argument("--out", required=True, help="folder to create (transformers GemmaModel layout)")
-    p.add_argument("--vocab", type=int, default=400, help="BPE vocabulary size (default: 400)")
-    p.add_argument("--hidden", type=int, default=64, help="hidden size (default: 64)")
-    p.add_argument("--layers", type=int, default=3, help="decoder layers; features are the output of layer n-2 (3)")
-    p.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
-    args = p.parse_args(argv)
+    p.add_argument("--out", required=True, help="folder to create (transformers GemmaModel layout; absent or empty)")
+    p.add_argument("--vocab", type=cli.integer(260), default=400, help="BPE vocabulary size, >= 260 (bytes + specials)")
+    p.add_argument("--hidden", type=cli.integer(1), default=64, help="hidden size")
+    p.add_argument("--layers", type=cli.integer(1), default=3, help="decoder layers; features are layer n-2's output")
+    p.add_argument("--heads", type=cli.integer(1), default=4, help="attention heads (they divide --hidden)")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seed of the random weights")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.hidden % args.heads:
+        raise ValueError(f"--heads {args.heads} must divide --hidden {args.hidden}")
+    cli.existing(args.captions, "--captions", "file")
+    cli.output_folder(args.out, "--out", empty=True)
     with open(args.captions, encoding="utf-8") as f:
-        captions = [json.loads(line)["caption"] for line in f if line.strip()]
+        try:
+            captions = [json.loads(line)["caption"] for line in f if line.strip()]
+        except (KeyError, TypeError) as e:  # JSON errors are ValueErrors already
+            raise ValueError(f"--captions {args.captions}: every line must be an object with a 'caption'") from e
     tokenizer = train_tokenizer(captions, args.vocab)
     cfg = GemmaConfig(
         vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
@@ -45,4 +56,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

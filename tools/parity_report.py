@@ -7,26 +7,26 @@ Writes ``report.md``, ``errors_blocks.png`` and ``errors_steps.png`` to ``--out`
 budget (``mindone_lumina.tolerances.BUDGETS``) is broken.
 """
 
-import argparse
-import sys
-
 import mindspore as ms
 
-from mindone_lumina import parity
+from mindone_lumina import cli, parity
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser():
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="diffusers-layout folder (default: a tiny random model)")
     p.add_argument("--dtypes", default="fp32,fp16", help=f"comma-separated subset of {','.join(parity.DTYPES)}")
     p.add_argument("--modes", default="graph,pynative", help=f"comma-separated subset of {','.join(parity.MODES)}")
     p.add_argument("--out", default="parity-report", help="output folder")
-    p.add_argument("--device", default="CPU", choices=["CPU", "Ascend"])
-    return p.parse_args(argv)
+    p.add_argument("--device", default="CPU", choices=["CPU", "Ascend"], help="device to run on")
+    return p
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
+    if args.model is not None:
+        cli.existing(args.model, "--model", "folder")
+    cli.output_folder(args.out, "--out")
     ms.set_device(args.device)
     report = parity.run(args.model, args.dtypes.split(","), args.modes.split(","), args.out)
     failed = [r for r in report.rows if not r.passed]
@@ -38,7 +38,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

@@ -7,7 +7,13 @@ Resumes from ``OUTPUT/checkpoints/latest`` when it exists. ``--init`` fine-tunes
 format ``tools/convert.py`` reads. ``--export`` writes a pipeline folder for ``tools/sample.py --model``.
 """
 
+from mindone_lumina import cli
 from mindone_lumina.training import TrainConfig, export_pipeline, run_tool, train
+from mindone_lumina.training.loop import tool_parser
+
+
+def parser():
+    return tool_parser(__doc__.splitlines()[0], TrainConfig)
 
 
 def main(argv=None):
@@ -15,4 +21,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

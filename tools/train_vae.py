@@ -7,8 +7,14 @@ Resumes from ``OUTPUT/checkpoints/latest`` when it exists. ``--export`` writes t
 weights, fitted ``scaling_factor``).
 """
 
+from mindone_lumina import cli
 from mindone_lumina.training import run_tool
+from mindone_lumina.training.loop import tool_parser
 from mindone_lumina.training.vae import VAETrainConfig, export_vae, train_vae
+
+
+def parser():
+    return tool_parser(__doc__.splitlines()[0], VAETrainConfig)
 
 
 def _export(cfg, trainer, folder):
@@ -20,4 +26,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

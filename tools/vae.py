@@ -6,46 +6,53 @@
 
 ``z.npz`` holds ``latents`` (B, 4, h, w) in the denoiser's space (encode multiplies the posterior by the scaling
 factor, decode divides by it). ``x.npz`` holds ``images`` (B, 3, H, W) in [-1, 1]; a folder output gets
-``0000.png``, ``0001.png``, ... Every file is written to a temporary name first and renamed into place.
+``0000.png``, ``0001.png``, ... (existing ones are replaced only with ``--overwrite``). Every file is written to a
+temporary name first and renamed into place, so an interrupted run leaves only whole files.
 """
 
-import argparse
 import os
 
 import numpy as np
 
 import mindspore as ms
 
-from mindone_lumina import components
-from mindone_lumina.atomic import atomic_path
+from mindone_lumina import cli, components
 from mindone_lumina.dtypes import ms_dtype
 from mindone_lumina.models import vae
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser():
+    p = cli.Parser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     dec = sub.add_parser("decode", help="latents npz -> images npz or PNG folder")
     dec.add_argument("--latents", required=True, help="npz with 'latents' (B, 4, h, w), denoiser space")
     dec.add_argument("--tiled", action="store_true", help="decode in overlapping tiles (bounded memory)")
-    dec.add_argument("--tile", type=int, default=64, help="tile side in latent pixels")
-    dec.add_argument("--overlap", type=float, default=0.25, help="minimum fraction of a tile shared by neighbours")
+    dec.add_argument("--tile", type=int, default=64, help="tile side in latent pixels, >= 2")
+    dec.add_argument("--overlap", type=float, default=0.25, help="minimum fraction of a tile shared by neighbours, "
+                     "in [0, 1)")  # fmt: skip
+    dec.add_argument("--overwrite", action="store_true", help="replace existing PNGs of a folder --output")
     enc = sub.add_parser("encode", help="image files -> latents npz")
     enc.add_argument("--images", required=True, nargs="+", help="image files of one size, sides divisible by 8")
     enc.add_argument("--sample", action="store_true", help="sample the posterior instead of taking its mean")
-    enc.add_argument("--seed", type=int, default=0, help="seed of the posterior sample")
+    enc.add_argument("--seed", type=cli.seed, default=0, help=f"seed of the posterior sample, 0..{cli.SEED_MAX}")
     for sp in (dec, enc):
         sp.add_argument("--vae", required=True, help="diffusers vae/ folder (config.json + safetensors)")
-        sp.add_argument("--output", required=True, help="npz file, or (decode only) a folder for PNGs")
-        sp.add_argument("--mode", default="graph", choices=["graph", "pynative"])
-        sp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-        sp.add_argument("--device", default="CPU", choices=["CPU", "Ascend"])
-    return p.parse_args(argv)
+        sp.add_argument("--output", required=True, help="npz file (replaced if it exists), or (decode only) a "
+                        "folder for PNGs")  # fmt: skip
+        sp.add_argument("--mode", default="graph", choices=["graph", "pynative"], help="MindSpore execution mode")
+        sp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="VAE dtype")
+        sp.add_argument("--device", default="CPU", choices=["CPU", "Ascend"], help="device to run on")
+    return p
 
 
-def write_atomic(path: str, save) -> None:
-    """``save(file_object)`` into a temporary file beside ``path``, then renamed over ``path``."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+def write_atomic(path: str, save, overwrite: bool = True) -> None:
+    """``save(file_object)`` into a temporary file beside ``path``, then renamed to ``path`` (replacing it only with
+    ``overwrite``)."""
+    cli.write_new(path, lambda tmp: _save_to(tmp, save), overwrite, counter=False)
+
+
+def _save_to(tmp: str, save) -> None:
+    with open(tmp, "wb") as f:
         save(f)
 
 
@@ -59,21 +66,27 @@ def read_latents(path: str) -> np.ndarray:
     return data["latents"]
 
 
-def decode(args, model) -> str:
-    tiling = vae.Tiling(args.tile, args.overlap) if args.tiled else None
-    x = vae.decode_latents(model, read_latents(args.latents), tiling)
+def png_names(args, count: int) -> list:
+    """The PNG files a folder ``--output`` gets for ``count`` images; taken ones need ``--overwrite``."""
+    names = [os.path.join(args.output, f"{i:04d}.png") for i in range(count)]
+    for name in names:
+        cli.output_file(name, "--output", args.overwrite)
+    return names
+
+
+def decode(args, model, latents: np.ndarray, tiling, pngs: list) -> str:
+    x = vae.decode_latents(model, latents, tiling)
     if args.output.endswith(".npz"):
         write_atomic(args.output, lambda f: np.savez(f, images=np.clip(x, -1.0, 1.0)))
         return f"images {x.shape}"
     from PIL import Image
 
-    os.makedirs(args.output, exist_ok=True)
-    for i, arr in enumerate(vae.to_uint8(x)):
-        write_atomic(os.path.join(args.output, f"{i:04d}.png"), lambda f, a=arr: Image.fromarray(a).save(f, "PNG"))
+    for name, arr in zip(pngs, vae.to_uint8(x)):
+        write_atomic(name, lambda f, a=arr: Image.fromarray(a).save(f, "PNG"), args.overwrite)
     return f"{len(x)} PNGs {x.shape[2]}x{x.shape[3]}"
 
 
-def encode(args, model) -> str:
+def read_images(args) -> list:
     from PIL import Image
 
     if not args.output.endswith(".npz"):
@@ -81,23 +94,43 @@ def encode(args, model) -> str:
     images = []
     for name in args.images:
         try:
-            with Image.open(name) as im:
+            with Image.open(cli.existing(name, "--images", "file")) as im:
                 images.append(im.convert("RGB"))
         except OSError as e:
-            raise ValueError(f"cannot read image {name}: {e}") from e
+            raise ValueError(f"--images {name}: cannot read the image ({e})") from e
+    return images
+
+
+def encode(args, model, images: list) -> str:
     z = vae.images_to_latents(model, images, sample=args.sample, seed=args.seed)
     write_atomic(args.output, lambda f: np.savez(f, latents=z))
     return f"latents {z.shape}"
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
+    cli.existing(args.vae, "--vae", "folder")
+    if args.command == "decode":  # inputs read and outputs checked before the VAE is loaded
+        try:
+            tiling = vae.Tiling(args.tile, args.overlap) if args.tiled else None
+        except ValueError as e:
+            raise ValueError(f"--tile {args.tile} --overlap {args.overlap}: {e}") from None
+        data = read_latents(cli.existing(args.latents, "--latents", "file"))
+        pngs = []
+        if args.output.endswith(".npz"):
+            cli.output_file(args.output, "--output", overwrite=True)
+        else:
+            cli.output_folder(args.output, "--output")
+            pngs = png_names(args, len(data))
+    else:
+        data = read_images(args)
+        cli.output_file(args.output, "--output", overwrite=True)
     ms.set_device(args.device)
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     model = components.load_vae(args.vae, ms_dtype(args.dtype))
-    what = decode(args, model) if args.command == "decode" else encode(args, model)
+    what = decode(args, model, data, tiling, pngs) if args.command == "decode" else encode(args, model, data)
     print(f"wrote {args.output}: {what} ({args.mode}, {args.dtype})")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

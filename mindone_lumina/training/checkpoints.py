@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 from mindspore import Tensor
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, umask
 from ..weights.rules import compare_shapes
 
 
@@ -22,20 +22,25 @@ def save_checkpoint(run: str, trainer, step: int, state: dict, optimizer: dict |
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step:07d}")
     tmp = tempfile.mkdtemp(dir=root, prefix=".saving-")
-    model = {n: p.asnumpy() for n, p in zip(trainer.param_names, trainer.params)}
-    ema = {n: e.asnumpy() for n, e in zip(trainer.param_names, trainer.ema)}
-    opt = trainer.optimizer_state() if optimizer is None else optimizer
-    for name, arrays in (("model", model), ("ema", ema), ("optimizer", opt)):
-        save_file(arrays, os.path.join(tmp, f"{name}.safetensors"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({**state, "step": step}, f)
-    # saving a step again (a re-run) goes to a new name: the folder "latest" names is never touched before the
-    # pointer has moved, so a kill at any moment leaves "latest" naming a complete checkpoint
-    version = 1
-    while os.path.exists(final if version == 1 else f"{final}.v{version}"):
-        version += 1
-    target = final if version == 1 else f"{final}.v{version}"
-    os.replace(tmp, target)
+    try:
+        model = {n: p.asnumpy() for n, p in zip(trainer.param_names, trainer.params)}
+        ema = {n: e.asnumpy() for n, e in zip(trainer.param_names, trainer.ema)}
+        opt = trainer.optimizer_state() if optimizer is None else optimizer
+        for name, arrays in (("model", model), ("ema", ema), ("optimizer", opt)):
+            save_file(arrays, os.path.join(tmp, f"{name}.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({**state, "step": step}, f)
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private
+        # saving a step again (a re-run) goes to a new name: the folder "latest" names is never touched before the
+        # pointer has moved, so a kill at any moment leaves "latest" naming a complete checkpoint
+        version = 1
+        while os.path.exists(final if version == 1 else f"{final}.v{version}"):
+            version += 1
+        target = final if version == 1 else f"{final}.v{version}"
+        os.replace(tmp, target)
+    except BaseException:  # an error, Ctrl-C or SIGTERM (cli.run) during the save: no half-written folder stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     with atomic_path(os.path.join(root, "latest")) as tmp_pointer, open(tmp_pointer, "w") as f:
         f.write(os.path.basename(target))
     superseded = [final] + [f"{final}.v{v}" for v in range(2, version)] if version > 1 else []

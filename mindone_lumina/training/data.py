@@ -6,7 +6,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 import mindspore as ms
 
+from ..atomic import atomic_path, check_creatable
 from ..models import vae as vae_lib
 from ..text import gemma
 from .recipe import Recipe, TrainConfig
@@ -124,12 +124,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, encoder, vae=None, log=print) -> D
     resolution is recomputed rather than silently reused.
     """
     cache_dir = os.path.join(cfg.output, "cache")
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=cache_dir, delete=True)
-        probe.close()
-    except OSError as e:
-        raise ValueError(f"cache directory {cache_dir} cannot be written: {e}") from e
+    check_creatable(cache_dir)  # made only to write the cache: bad data below leaves no empty folder behind
     bucket_list = buckets(cfg.resolution, cfg.aspect_ratios, cfg.bucket_multiple)
     rows = read_captions(cfg.data)
     key = hashlib.sha256(
@@ -154,10 +149,8 @@ def prepare_data(cfg: TrainConfig, tokenizer, encoder, vae=None, log=print) -> D
     feats, mask = _encode_unique(tokenizer, encoder, captions + [""], cfg.max_caption_tokens)
     arrays.update(cap_feats=feats[:-1], cap_mask=mask[:-1], empty_feats=feats[-1], empty_mask=mask[-1])
     arrays["skipped"] = np.array([skipped.get(UNREADABLE, 0), skipped.get(TOO_SMALL, 0)], np.int64)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".features-")  # ranks sharing the folder each write their own
-    os.close(fd)
-    save_file(arrays, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # ranks sharing the folder each write their own temporary
+        save_file(arrays, tmp)
     log(f"cached {len(images)} samples in {path}")
     return _dataset_from_arrays(arrays, skipped)
 

@@ -1,7 +1,6 @@
 """The loop every recipe shares (resume, steps, logging, saving), the data-parallel set-up under msrun, and the
 command line of the training tools."""
 
-import argparse
 import dataclasses
 import os
 import time
@@ -11,7 +10,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
+from .. import cli
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import read_captions
 from .recipe import Recipe, lr_at
 from .step import Trainer
 
@@ -96,23 +97,40 @@ def fit(cfg: Recipe, trainer: Trainer, batch_at, what: str, rank=0, world=1, log
     return trainer
 
 
+def tool_parser(description: str, recipe_cls) -> cli.Parser:
+    """The command line of a training tool: a YAML recipe, overrides of its keys, the device, the export."""
+    p = cli.Parser(description=description)
+    p.add_argument("--config", required=True, help=f"YAML recipe (the fields of {recipe_cls.__name__})")
+    p.add_argument("--output", default=None, help="run folder (default: the recipe's output)")
+    p.add_argument("--data", default=None, help="data folder with captions.jsonl (default: the recipe's data)")
+    p.add_argument("--steps", type=cli.integer(1), default=None, help="optimizer steps (default: the recipe's steps)")
+    if "init" in {f.name for f in dataclasses.fields(recipe_cls)}:
+        p.add_argument("--init", default=None, help="fine-tune from this checkpoint, any format tools/convert.py "
+                       "reads (default: the recipe's init, else random weights)")  # fmt: skip
+    p.add_argument("--device", default="CPU", choices=["CPU", "Ascend"], help="device to run on")
+    p.add_argument("--export", default=None, help="write the trained model (EMA weights) to this folder, which "
+                   "must be absent or empty (default: no export)")  # fmt: skip
+    return p
+
+
+def check_run(cfg: Recipe, export: str | None) -> None:
+    """What a run needs, checked before any model is loaded or folder made: readable captions, an existing
+    ``init``, a writable run folder, an export folder that the end of the run can fill."""
+    read_captions(cfg.data)
+    if cfg.init is not None:
+        cli.existing(cfg.init, "init (--init)")
+    cli.output_folder(cfg.output, "output (--output)")
+    if export:
+        cli.output_folder(export, "--export", empty=True)
+
+
 def run_tool(description: str, recipe_cls, train_fn, export_fn, argv=None) -> None:
     """The command line of a training tool (``tools/train.py``, ``tools/train_vae.py``): a YAML recipe with
     overrides, the device, msrun data parallel, and an export of the result by rank 0."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", required=True, help=f"YAML recipe (the fields of {recipe_cls.__name__})")
-    p.add_argument("--output", default=None, help="run folder (default: the recipe's output)")
-    p.add_argument("--data", default=None, help="data folder (default: the recipe's data)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's steps)")
-    if "init" in {f.name for f in dataclasses.fields(recipe_cls)}:
-        p.add_argument(
-            "--init", default=None, help="fine-tune from this checkpoint (any format tools/convert.py reads)"
-        )
-    p.add_argument("--device", default="CPU", choices=["CPU", "Ascend"], help="device (default: CPU)")
-    p.add_argument("--export", default=None, help="write the trained model (EMA weights) to this folder")
-    args = vars(p.parse_args(argv))
+    args = vars(tool_parser(description, recipe_cls).parse_args(argv))
     overrides = {k: args.pop(k) for k in ("output", "data", "steps", "init") if k in args}
     cfg = recipe_cls.from_yaml(args["config"], **overrides)
+    check_run(cfg, args["export"])
     ms.set_device(args["device"])
     rank, world = data_parallel_world()
     trainer = train_fn(cfg, rank, world)

@@ -101,12 +101,15 @@ _CONSOLIDATED = re.compile(r"^(consolidated(?:_ema)?)\.(\d+)-of-(\d+)\.(safetens
 def open_file(path: str):
     """A reader for one weights file, chosen by extension."""
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        return SafetensorsFile(path)
-    if path.endswith(WEIGHT_SUFFIXES[1:]):
-        return PthFile(path)
-    check_not_lfs_pointer(path)
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            return SafetensorsFile(path)
+        if path.endswith(WEIGHT_SUFFIXES[1:]):
+            return PthFile(path)
+        check_not_lfs_pointer(path)
+    except OSError as e:  # permissions, a failing disk: name the file, whichever reader met it
+        raise ValueError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
     raise ValueError(f"{path}: unknown weights format (expected .safetensors, .pth, .pt or .bin)")
 
 

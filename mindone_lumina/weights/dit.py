@@ -119,16 +119,21 @@ class DiTWeights:
             return dataclasses.replace(preset, qk_norm=bool(args.get("qk_norm")))
         return None
 
-    def plan(self, path: str, cfg=None, ema=False, dtype="keep", allow_inexact_merge=False):
-        """(config, ``TensorSpec``s with project names) of the checkpoint at ``path``, checked strictly against the
-        config (``cfg``: preset, JSON, dict or config; else the recorded one). A layout storing a tensor twice whose
-        copies differ (a diffusers-trained Next-DiT) gets its untied table, and the config its untied field."""
-        reader, layout = self.open(path, ema, allow_inexact_merge)
+    def resolve_config(self, path: str, cfg=None):
+        """The architecture ``cfg`` names (preset, JSON, dict or config), else the one recorded with ``path``."""
         cfg = self.config.resolve(cfg, self.presets) if cfg is not None else self.recorded_config(path)
         if cfg is None:
             raise ValueError(
                 f"{path}: no config.json / model_args.* found; name the architecture (--arch PRESET_OR_JSON)"
             )
+        return cfg
+
+    def plan(self, path: str, cfg=None, ema=False, dtype="keep", allow_inexact_merge=False):
+        """(config, ``TensorSpec``s with project names) of the checkpoint at ``path``, checked strictly against the
+        config (``cfg``: preset, JSON, dict or config; else the recorded one). A layout storing a tensor twice whose
+        copies differ (a diffusers-trained Next-DiT) gets its untied table, and the config its untied field."""
+        reader, layout = self.open(path, ema, allow_inexact_merge)
+        cfg = self.resolve_config(path, cfg)
         table = layout.table
         if layout.untied is not None and (getattr(cfg, layout.untied_field) or not _copies_agree(reader, table)):
             table, cfg = layout.untied, dataclasses.replace(cfg, **{layout.untied_field: True})
