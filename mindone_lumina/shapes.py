@@ -1,17 +1,21 @@
 """A synthetic captioned dataset of coloured shapes, and a deterministic detector to score prompt-following.
 
-Used to train and measure the bundled default model: one shape of a colour, size and position on a solid background,
-captioned "a small red circle in the top left on a blue background". A fixed set of (shape, colour, background)
-combinations never appears in training (``HELDOUT``), so the score measures composition, not memorisation.
+Used to train and measure the bundled default model: one shape of a colour, size and position on a solid background.
+Captions come in four forms by what they name besides colour, shape and background (``FORMS``: neither size nor
+position, size, position, both) and in several phrasings and word orders each ("a red circle on a blue background",
+"red circle, blue background", "a blue background with a small red circle in the top left", ...). A fixed set of
+(shape, colour, background) combinations never appears in training (``HELDOUT``), so the score measures composition,
+not memorisation.
 
-Without an ``rng``, ``render`` and ``caption`` give the canonical image and caption of a scene (the data the bundled
-model was trained on); with one, they add layout jitter and caption variety.
+``caption(scene)`` without an ``rng`` is the canonical long caption; ``render`` without one draws no layout jitter.
 """
 
 import re
 from dataclasses import dataclass
 
 import numpy as np
+
+from .text.tokenizers import words as caption_words
 
 COLOURS = {  # pairwise RGB distance >= 190, so blur and noise do not move a pixel to another name
     "red": (220, 40, 40),
@@ -22,8 +26,8 @@ COLOURS = {  # pairwise RGB distance >= 190, so blur and noise do not move a pix
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.34, "large": 0.6}  # side of the shape's box as a fraction of the image side
-POSITIONS = {  # centre of the shape's box, as fractions of the image side (x, y)
+SIZES = {"small": 0.34, "large": 0.6}  # side of the shape's box as a fraction of the image's shorter side
+POSITIONS = {  # centre of the shape's box, as fractions of the image's width and height (x, y)
     "top left": (0.3, 0.3),
     "top right": (0.7, 0.3),
     "center": (0.5, 0.5),
@@ -32,11 +36,14 @@ POSITIONS = {  # centre of the shape's box, as fractions of the image side (x, y
 }
 TRIPLES = tuple((s, c, b) for s in SHAPES for c in COLOURS for b in COLOURS if c != b)  # 90 combinations
 HELDOUT = frozenset(TRIPLES[i] for i in range(3, len(TRIPLES), 7))  # 13 of 90; every word still seen in training
-TEMPLATES = (  # the first is the canonical caption; each names the background after "on" or before "background"
-    "a {size} {colour} {shape} in the {position} on a {background} background",
-    "a {size} {colour} {shape} on a {background} background",
-    "a {colour} {shape} in the {position} on {background}",
-    "a {background} background with a {size} {colour} {shape} in the {position}",
+# What a caption names besides colour, shape and background, and the share of each form in the training captions
+FORMS = {"plain": 0.35, "size": 0.15, "position": 0.15, "full": 0.35}
+PHRASINGS = (  # {subject}: "[size] colour shape", {where}: " in the <position>" or nothing; the first is canonical
+    "a {subject}{where} on a {background} background",
+    "{subject}{where}, {background} background",
+    "a {background} background with a {subject}{where}",
+    "a {subject}{where} against {background}",
+    "a {subject}{where} on {background}",
 )
 SIZE_JITTER, POSITION_JITTER = 0.08, 0.04  # relative side, and centre shift as a fraction of the image side
 
@@ -63,27 +70,37 @@ class Scene:
             raise ValueError(f"shape colour and background are both {self.colour!r}; the shape would be invisible")
 
 
-def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
-    template = TEMPLATES[0] if rng is None else TEMPLATES[int(rng.integers(len(TEMPLATES)))]
-    return template.format(**vars(scene))
+def caption(scene: Scene, rng: np.random.Generator | None = None, form: str | None = None) -> str:
+    """The scene in caption ``form`` (drawn from ``FORMS``' shares when None and an ``rng`` is given; "full"
+    otherwise) and a phrasing drawn with ``rng`` (the canonical one without)."""
+    if form is None:
+        form = "full" if rng is None else list(FORMS)[int(rng.choice(len(FORMS), p=list(FORMS.values())))]
+    if form not in FORMS:
+        raise ValueError(f"unknown caption form {form!r}; expected one of {', '.join(FORMS)}")
+    phrasing = PHRASINGS[0] if rng is None else PHRASINGS[int(rng.integers(len(PHRASINGS)))]
+    subject = " ".join(([scene.size] if form in ("size", "full") else []) + [scene.colour, scene.shape])
+    where = f" in the {scene.position}" if form in ("position", "full") else ""
+    return phrasing.format(subject=subject, where=where, background=scene.background)
 
 
-def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:
-    """(size, size, 3) uint8, drawn at 4x and box-downsampled for anti-aliased edges. With ``rng``, the shape's side
-    and centre are jittered by up to ``SIZE_JITTER`` and ``POSITION_JITTER``, little enough to keep every word true."""
+def render(scene: Scene, size: int | tuple = 32, rng: np.random.Generator | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 for ``size`` = H = W or (H, W), drawn at 4x and box-downsampled for anti-aliased edges. With
+    ``rng``, the shape's side and centre are jittered by up to ``SIZE_JITTER`` and ``POSITION_JITTER``, little enough
+    to keep every word true."""
     from PIL import Image, ImageDraw
 
-    if size < 16:
+    height, width = (size, size) if isinstance(size, int) else size
+    if min(height, width) < 16:
         raise ValueError(f"image size {size} is below 16 px: a small shape would be too few pixels to recognise")
-    big = size * 4
-    im = Image.new("RGB", (big, big), COLOURS[scene.background])
+    bh, bw = height * 4, width * 4
+    im = Image.new("RGB", (bw, bh), COLOURS[scene.background])
     draw = ImageDraw.Draw(im)
-    side = SIZES[scene.size] * big
-    cx, cy = (v * big for v in POSITIONS[scene.position])
+    side = SIZES[scene.size] * min(bh, bw)
+    cx, cy = POSITIONS[scene.position][0] * bw, POSITIONS[scene.position][1] * bh
     if rng is not None:
         side *= 1 + rng.uniform(-SIZE_JITTER, SIZE_JITTER)
-        cx, cy = (v + rng.uniform(-POSITION_JITTER, POSITION_JITTER) * big for v in (cx, cy))
-    cx, cy = min(max(cx, side / 2), big - side / 2), min(max(cy, side / 2), big - side / 2)
+        cx, cy = (v + rng.uniform(-POSITION_JITTER, POSITION_JITTER) * extent for v, extent in ((cx, bw), (cy, bh)))
+    cx, cy = min(max(cx, side / 2), bw - side / 2), min(max(cy, side / 2), bh - side / 2)
     box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
     fill = COLOURS[scene.colour]
     if scene.shape == "circle":
@@ -92,7 +109,7 @@ def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None)
         draw.rectangle(box, fill=fill)
     else:
         draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
-    return np.asarray(im.resize((size, size), Image.BOX))
+    return np.asarray(im.resize((width, height), Image.BOX))
 
 
 def _scenes(triples, n: int, seed: int) -> list:
@@ -113,13 +130,19 @@ def heldout_scenes(n: int, seed: int = 0) -> list:
     return _scenes(sorted(HELDOUT), n, seed)
 
 
+def heldout_prompts(n: int, form: str, seed: int = 0) -> list:
+    """``n`` captions of held-out scenes in caption ``form``, phrasings drawn from (seed, form): the evaluation set."""
+    rng = np.random.default_rng([seed, list(FORMS).index(form) if form in FORMS else -1])
+    return [caption(scene, rng, form) for scene in heldout_scenes(n, seed)]
+
+
 def parse_prompt(text: str) -> dict:
     """Shape, colour and background named in a prompt, plus size and position when it names them.
 
     The background is the colour word right before "background", else the last colour word after the shape; the shape
     colour is the nearest other colour word before the shape.
     """
-    words = re.findall(r"[a-z]+", text.lower())
+    words = caption_words(text)
     named = {w for w in words if w in SHAPES}
     if len(named) != 1:
         raise ValueError(f"prompt {text!r} names {len(named)} shapes; expected exactly one of {', '.join(SHAPES)}")
@@ -169,13 +192,15 @@ def _template(shape: str, box, hw, supersample: int = 4) -> np.ndarray:
 def detect(image) -> dict:
     """Background, shape colour, shape class, size and position of a generated image, by simple geometry.
 
-    Background: the most common named colour on the border. Shape: the largest connected region of pixels far from
+    Background: the most common named colour on the border. ``count``: how many separate shapes are drawn (a model
+    extrapolating badly repeats the shape). Shape: the largest connected region of pixels far from
     the background; its colour is the nearest named colour to its median. Geometry uses each pixel's share of shape
     colour near that region (soft, so blur and anti-aliasing move mass without losing it): a triangle's mass profile
     is skewed, a circle's and a square's are not; a square fills the rectangle of its widest row and tallest column,
     a circle only pi/4 of it. The class is None when the region overlaps that class's ideal shape in its bounding box
     by less than half (IoU), so a formless blob counts as a miss for every prompt. Size and position: the nearest in
-    ``SIZES`` to that side and in ``POSITIONS`` to the region's bounding-box centre.
+    ``SIZES`` to that side (relative to the shorter image side) and in ``POSITIONS`` to the region's bounding-box
+    centre.
     """
     from scipy import ndimage
 
@@ -189,8 +214,11 @@ def detect(image) -> dict:
     far = dist > max(40.0, 0.5 * np.percentile(dist, 99))  # half-way to the shape colour: blur keeps the area
     labels, n = ndimage.label(far)
     if n == 0:
-        return {"background": names[mode], "colour": None, "shape": None, "size": None, "position": None}
-    region = labels == (1 + int(np.argmax(ndimage.sum(far, labels, range(1, n + 1)))))
+        return {"background": names[mode], "colour": None, "shape": None, "size": None, "position": None, "count": 0}
+    areas = ndimage.sum(far, labels, range(1, n + 1))
+    region = labels == (1 + int(np.argmax(areas)))
+    # shapes drawn: regions of at least a quarter of the largest one's area (specks and seams are not shapes)
+    count = int((areas >= max(4.0, 0.25 * areas.max())).sum())
     core = ndimage.binary_erosion(region) if region.sum() > 30 else region  # edge pixels are blends with the bg
     fg = np.median(img[core if core.any() else region], axis=0)
     span = fg - bg
@@ -206,7 +234,7 @@ def detect(image) -> dict:
     iou = (ideal & (alpha > 0.5)).sum() / max((ideal | (alpha > 0.5)).sum(), 1)
     if iou < 0.5:  # a blob is no shape: rendered shapes score >= 0.72 clean, >= 0.52 after a 5x5 blur at 32 px
         shape = None
-    side = max(width, height) / max(img.shape[:2])
+    side = max(width, height) / min(img.shape[:2])
     centre = np.array([(xs.min() + xs.max() + 1) / img.shape[1], (ys.min() + ys.max() + 1) / img.shape[0]]) / 2
     return {
         "background": names[mode],
@@ -214,16 +242,20 @@ def detect(image) -> dict:
         "shape": shape,
         "size": min(SIZES, key=lambda s: abs(np.log(SIZES[s] / side))),
         "position": min(POSITIONS, key=lambda p: float(np.sum((np.array(POSITIONS[p]) - centre) ** 2))),
+        "count": count,
     }
 
 
 def score(prompts, images) -> dict:
     """Share of images whose detected background, shape colour and shape class match the prompt; size and position
-    over the prompts that name them (None when none does)."""
+    over the prompts that name them (None when none does); ``duplicated``: share of images with more than one shape."""
     hits, counts = dict.fromkeys(("background", "colour", "shape", "size", "position"), 0), {}
+    duplicated = 0
     for prompt, image in zip(prompts, images):
         want, got = parse_prompt(prompt), detect(image)
         for key, value in want.items():
             hits[key] += value == got[key]
             counts[key] = counts.get(key, 0) + 1
-    return {k: hits[k] / counts[k] if counts.get(k) else None for k in hits}
+        duplicated += got["count"] > 1
+    out = {k: hits[k] / counts[k] if counts.get(k) else None for k in hits}
+    return out | {"duplicated": duplicated / max(len(prompts), 1)}

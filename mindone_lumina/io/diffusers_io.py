@@ -8,7 +8,8 @@ in one extra file that diffusers ignores, ``mindone_lumina.json``:
 
     {"train_size": 1024,                   # pixels per side of the training area (RoPE extrapolation reference)
      "prompt_template": "{}",              # applied to every prompt before tokenizing ("{}" = as typed)
-     "sampling": {"solver": "midpoint", "num_steps": 30, "schedule": "shift", "shift": 4.0, "guidance_scale": 4.0}}
+     "sampling": {"solver": "midpoint", "num_steps": 30, "schedule": "shift", "shift": 4.0, "guidance_scale": 4.0},
+     "vocabulary": ["a", "background", ...]}  # optional: the words of the training captions (warns on others)
 
 A pixel-space model (trained without a VAE) has no diffusers pipeline (``LuminaPipeline`` needs a VAE): its folder
 holds the same components and ``mindone_lumina.json`` but no ``model_index.json``. Folders written by mindone-lumina
@@ -144,6 +145,7 @@ class ProjectSettings:
     train_size: int
     prompt_template: str = "{}"
     sampling: dict = field(default_factory=dict)
+    vocabulary: list | None = None  # the training captions' words, for a model that knows no others
 
     def __post_init__(self):
         unknown = sorted(set(self.sampling) - {f.name for f in dataclasses.fields(SampleSettings)})
@@ -154,6 +156,8 @@ class ProjectSettings:
             raise ValueError(f"train_size must be a positive integer, got {self.train_size!r}")
         if self.prompt_template.count("{}") != 1:
             raise ValueError(f"prompt_template must hold exactly one {{}} for the prompt, got {self.prompt_template!r}")
+        if self.vocabulary is not None and not all(isinstance(w, str) for w in self.vocabulary):
+            raise ValueError(f"vocabulary must be a list of words, got {self.vocabulary!r}")
 
 
 @dataclass(frozen=True)

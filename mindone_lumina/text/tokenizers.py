@@ -5,10 +5,26 @@ with the right padding Lumina uses (a folder does not store it). ``train_tokeniz
 either family's layout of special tokens, for small models and tests: any text encodes.
 """
 
+import logging
 import os
+import re
 import warnings
 
 FILES = ("tokenizer.json", "tokenizer.model")  # either one is enough for the fast tokenizers
+
+
+class _NoFrameworkNotice(logging.Filter):
+    """Drops the notice transformers logs when it is imported without PyTorch, TensorFlow or Flax ("None of PyTorch,
+    TensorFlow >= 2.0, or Flax have been found. Models won't be available..."): this package uses only its
+    tokenizers, which need none of them, so a user would see it on every run and could do nothing about it. Its
+    other warnings still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("None of PyTorch, TensorFlow")
+
+
+# on transformers' root logger, which logs the notice at import: installed here, before any `import transformers`
+logging.getLogger("transformers").addFilter(_NoFrameworkNotice())
 # family -> (transformers class, special tokens in id order, constructor arguments)
 _FAMILIES = {
     "gemma": ("GemmaTokenizerFast", ("<pad>", "<eos>", "<bos>", "<unk>"),
@@ -60,6 +76,11 @@ def train_tokenizer(texts, vocab_size: int, family: str = "gemma"):
     tokenizer = getattr(transformers, cls)(tokenizer_object=bpe, **kwargs)
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def words(text: str) -> list:
+    """The lower-case words (letter runs) of ``text``: what a closed caption vocabulary is made of."""
+    return re.findall(r"[a-z]+", text.lower())
 
 
 def prompt_batch(prompts, negative_prompt) -> list:

@@ -7,10 +7,11 @@ from .. import components
 from ..io import diffusers_io
 from ..models import nextdit
 from ..models.layers import parameter_count
+from ..text.tokenizers import words
 from ..weights.load import load_specs, param_shapes
 from ..weights.rules import convert_tensors
 from ..weights.tensors import ArrayCheckpoint
-from .data import make_batch, prepare_data
+from .data import make_batch, prepare_data, read_captions
 from .loop import fit
 from .recipe import TrainConfig
 from .step import FlowMatchingLoss, Trainer
@@ -60,5 +61,7 @@ def export_pipeline(cfg: TrainConfig, trainer: Trainer, folder: str, use_ema: bo
     source = trainer.ema if use_ema else trainer.params
     arrays = ArrayCheckpoint({n: p.asnumpy() for n, p in zip(trainer.param_names, source)})
     specs = convert_tensors(arrays, None, param_shapes(model), what="the trained weights")
-    settings = diffusers_io.ProjectSettings(cfg.resolution, sampling=dict(cfg.sampling))
+    vocabulary = sorted({w for row in read_captions(cfg.data) for w in words(row["caption"])})
+    settings = diffusers_io.ProjectSettings(cfg.resolution, sampling=dict(cfg.sampling),
+                                            vocabulary=vocabulary if cfg.closed_vocabulary else None)  # fmt: skip
     diffusers_io.save_pipeline(folder, settings, (specs, model.cfg), cfg.text_encoder, cfg.text_encoder, cfg.vae)

@@ -36,6 +36,7 @@ class Recipe:
     precision: str = "fp32"  # compute dtype: fp32, fp16 (CPU and Ascend) or bf16 (Ascend); weights stay fp32
     loss_scale: float = 4096.0  # initial dynamic loss scale for fp16 (halved on overflow, doubled after 1000 steps)
     zero_stage: int = 0  # 1: AdamW state sharded across the data-parallel ranks (mindone ZeRO stage 1)
+    init: str | None = None  # weights to start from (a fine-tune): any format the model's loader reads
 
     def __post_init__(self):
         object.__setattr__(self, "aspect_ratios", tuple(self.aspect_ratios))
@@ -91,8 +92,8 @@ class TrainConfig(Recipe):
     max_caption_tokens: int = 256
     t_sampling: str = "uniform"  # or "logit_normal"
     recompute: bool = False
-    init: str | None = None  # a Next-DiT checkpoint in any format the converter reads
     sampling: dict = dataclasses.field(default_factory=dict)  # SampleSettings defaults recorded with the export
+    closed_vocabulary: bool = False  # record the captions' words with the export: prompts with others then warn
 
     def __post_init__(self):
         super().__post_init__()

@@ -22,6 +22,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn
 
+from .. import components
 from ..io import diffusers_io
 from ..models import vae as vae_lib
 from ..models.layers import parameter_count
@@ -136,6 +137,8 @@ def train_vae(cfg: VAETrainConfig, rank: int = 0, world: int = 1, log=print, sto
     ms.set_seed(cfg.seed)
     ds = load_images(cfg, log)
     model = vae_lib.AutoencoderKL(cfg.vae_config)
+    if cfg.init:  # a diffusers vae/ folder of the same architecture
+        components.load_vae(cfg.init, into=model)
     trainer = Trainer(VAELoss(model, cfg.kl_weight), cfg, world)
 
     def batch_at(index: int):
@@ -152,10 +155,10 @@ def fitted_scaling_factor(vae: vae_lib.AutoencoderKL, images: list, samples: int
     """1 / std of the posterior means of up to ``samples`` of ``images`` (spread evenly over the list)."""
     pick = np.unique(np.linspace(0, len(images) - 1, min(samples, len(images))).round().astype(int))
     means = []
-    for start in range(0, len(pick), chunk):
-        batch = [images[i] for i in pick[start : start + chunk]]
-        for shape in sorted({b.shape for b in batch}):  # one encoder call per bucket shape
-            x = np.stack([b for b in batch if b.shape == shape])
+    for shape in sorted({images[i].shape for i in pick}):  # full chunks of one bucket shape per encoder call
+        same = [i for i in pick if images[i].shape == shape]
+        for start in range(0, len(same), chunk):
+            x = np.stack([images[i] for i in same[start : start + chunk]])
             means.append(vae.encode(Tensor(x)).mean.astype(ms.float32).asnumpy().ravel())
     std = float(np.concatenate(means).std())
     if not np.isfinite(std) or std <= 0:
