@@ -23,6 +23,10 @@ setup(
         "tqdm",
     ],
     extras_require={
+        # tools/web_demo.py. Gradio 6.17.3 is the newest that installs beside transformers 4.57.1: from 6.18.0 on it
+        # needs huggingface-hub>=1.2, and transformers 4.57.1 needs huggingface-hub<1.0 (it resolves to 0.36.2).
+        # gradio_client 2.5.0 is the one gradio 6.17.3 pins; gradio also holds pillow below 13.
+        "demo": ["gradio==6.17.3", "gradio_client==2.5.0"],
         # The PyTorch reference. Install torch==2.13.0 (CPU build) *before* this extra: pip must not pick a CUDA build.
         # torchdiffeq: the solvers' reference; fairscale: runs the original Lumina-T2I code in
         # tests/fixtures/make_fixtures.py.
@@ -35,6 +39,12 @@ setup(
             "ruff==0.17.6",
             "tokenizers",
             "matplotlib",
+            # tests/test_web_demo.py: the demo's server and API client, and a real browser (Debian's chromium through
+            # its chromium-driver, which .ci/run installs with apt). selenium 4.53 needs a certifi newer than the
+            # package index here has; 4.51.0 is the newest that installs.
+            "gradio==6.17.3",
+            "gradio_client==2.5.0",
+            "selenium==4.51.0",
         ],
     },
 )

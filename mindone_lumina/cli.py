@@ -21,6 +21,7 @@ A tool is ``main(argv)``, which raises ``ValueError`` for bad input (its tests c
 
 import argparse
 import inspect
+import json
 import math
 import os
 import re
@@ -207,6 +208,17 @@ def write_new(path: str, write, overwrite: bool = False, counter: bool = True) -
             continue
         return candidate
     raise AssertionError("numbered() is endless")
+
+
+def save_png(image, path: str, info: dict, overwrite: bool = False, counter: bool = True) -> str:
+    """A PIL ``image`` written as PNG with ``info`` in its text chunks (strings as they are, anything else as JSON),
+    through ``write_new``: returns the name written."""
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    for key, value in info.items():
+        meta.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    return write_new(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=meta), overwrite, counter)
 
 
 # ------------------------------------------------------------------------------------------------------------------

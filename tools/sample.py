@@ -18,7 +18,6 @@ and leaves no partial file. A Lumina-T2I (Flag-DiT) checkpoint takes a LLaMA-2 f
 """
 
 import dataclasses
-import json
 import logging
 import os
 import zipfile
@@ -154,16 +153,6 @@ def read_latents(path: str | None):
     return arrays["latents"]
 
 
-def save_png(image, path: str, info: dict, overwrite: bool = False, counter: bool = True) -> str:
-    """Write ``image`` with ``info`` as PNG text chunks; returns the name written (``cli.write_new``)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    meta = PngInfo()
-    for key, value in info.items():
-        meta.add_text(key, value if isinstance(value, str) else json.dumps(value))
-    return cli.write_new(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=meta), overwrite, counter)
-
-
 def main(argv=None):
     args = parser().parse_args(argv)
     if args.verbose:
@@ -193,7 +182,7 @@ def main(argv=None):
         path = single or os.path.join(args.out, f"{i:03d}_{cli.slug(prompt)}_seed{args.seed}.png")
         info = {"prompt": prompt, **{k: v for k, v in run_info.items() if v is not None},
                 "settings": vars(settings) | {"height": image.height, "width": image.width}}  # fmt: skip
-        print(f"wrote {save_png(image, path, info, args.overwrite, counter=single is None)}")
+        print(f"wrote {cli.save_png(image, path, info, args.overwrite, counter=single is None)}")
     if args.save_latents:
         with atomic_path(args.save_latents, replace=args.overwrite) as tmp, open(tmp, "wb") as f:
             np.savez(f, latents=result.latents)
