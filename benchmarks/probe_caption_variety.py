@@ -16,7 +16,6 @@ and ``shapes.score`` reads them back. A probe for choosing a recipe, not the shi
 """
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -72,6 +71,7 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--t-sampling", default="uniform", choices=["uniform", "logit_normal"])
     p.add_argument("--caption-dropout", type=float, default=0.1)
@@ -103,9 +103,6 @@ def main():
     print("|---" * (3 + len(evals)) + "|")
     rng, start, losses = np.random.default_rng(0), time.perf_counter(), []
     for step in range(args.steps):
-        lr = args.lr * (step + 1) / args.warmup if step < args.warmup else args.lr
-        if step >= args.warmup:
-            lr = args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
         idx = torch.from_numpy(rng.integers(0, n, args.batch))
         x1, x0 = z[idx], torch.randn(args.batch, *z.shape[1:])
         t = torch.sigmoid(torch.randn(args.batch)) if args.t_sampling == "logit_normal" else torch.rand(args.batch)
@@ -113,27 +110,11 @@ def main():
         drop = torch.rand(args.batch) < args.caption_dropout  # the empty caption: BOS, padded to the batch length
         f[drop], m[drop] = 0.0, False
         f[drop, : len(empty)], m[drop, : len(empty_mask)] = empty, empty_mask
-        tt = t.reshape(-1, 1, 1, 1)
-        v = model(tt * x1 + (1 - tt) * x0, t, f, m, rope, cross_attention_kwargs={}, return_dict=False)[0]
-        loss = ((v - (x1 - x0)) ** 2).mean()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - args.ema)
-        losses.append(loss.item())
+        lr = probe.learning_rate(args, step)
+        losses.append(probe.optimizer_step(model, opt, params, ema, x1, x0, t, f, m, rope, lr, args.ema))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            live = [q.detach().clone() for q in params]
-            with torch.no_grad():
-                for q, e in zip(params, ema):
-                    q.copy_(e)
-                row = evaluate(model.eval(), rope, vae, args, evals)
-                for q, w in zip(params, live):
-                    q.copy_(w)
-            model.train()
+            with probe.ema_weights(model, params, ema), torch.no_grad():
+                row = evaluate(model, rope, vae, args, evals)
             elapsed = time.perf_counter() - start
             print(f"| {step + 1} | {np.mean(losses[-200:]):.4f} | {elapsed:.0f} | {row} |", flush=True)
 

@@ -21,6 +21,7 @@ those with patch 1 (the same 64 tokens as pixels with patch 4); samples are deco
 """
 
 import argparse
+import contextlib
 import math
 import os
 import time
@@ -112,6 +113,47 @@ def sample(model, rope, feats, mask, n: int, size: int, cfg: float = 4.0, channe
     return x
 
 
+def learning_rate(args, step: int) -> float:
+    """Linear warm-up to ``args.lr``, then constant or cosine to zero at ``args.steps`` (the ``training`` package's)."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.schedule == "cosine":
+        return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
+    return args.lr
+
+
+def optimizer_step(model, opt, params, ema, x1, x0, t, feats, mask, rope, lr: float, ema_decay: float) -> float:
+    """One flow-matching step (velocity loss, clipping at 1.0, AdamW at ``lr``, EMA); returns the loss."""
+    tt = t.reshape(-1, 1, 1, 1)
+    v = model(tt * x1 + (1 - tt) * x0, t, feats, mask, rope, cross_attention_kwargs={}, return_dict=False)[0]
+    loss = ((v - (x1 - x0)) ** 2).mean()
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - ema_decay)
+    return loss.item()
+
+
+@contextlib.contextmanager
+def ema_weights(model, params, ema):
+    """The model in eval mode with the EMA weights inside the block; the live weights and train mode after it."""
+    live = [q.detach().clone() for q in params]
+    with torch.no_grad():
+        for q, e in zip(params, ema):
+            q.copy_(e)
+    try:
+        yield model.eval()
+    finally:
+        with torch.no_grad():
+            for q, w in zip(params, live):
+                q.copy_(w)
+        model.train()
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     return np.round(np.clip((x.numpy() + 1) / 2, 0, 1).transpose(0, 2, 3, 1) * 255).astype(np.uint8)
 
@@ -175,39 +217,19 @@ def main():
     print("| step | loss (mean of last 200) | s | background | shape colour | shape class | size | position |")
     print("|---|---|---|---|---|---|---|---|")
     for step in range(args.steps):
-        lr = args.lr * (step + 1) / args.warmup if step < args.warmup else args.lr
-        if step >= args.warmup and args.schedule == "cosine":
-            lr = args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
         idx = torch.from_numpy(rng.integers(0, n, args.batch))
         x1, x0 = x_all[idx], torch.randn(args.batch, *x_all.shape[1:])
         t = torch.sigmoid(torch.randn(args.batch)) if args.t_sampling == "logit_normal" else torch.rand(args.batch)
         feats, mask = caps[idx].clone(), masks[idx].clone()
         drop = torch.rand(args.batch) < args.caption_dropout
         feats[drop], mask[drop] = empty, empty_mask
-        tt = t.reshape(-1, 1, 1, 1)
-        v = model(tt * x1 + (1 - tt) * x0, t, feats, mask, rope, cross_attention_kwargs={}, return_dict=False)[0]
-        loss = ((v - (x1 - x0)) ** 2).mean()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - args.ema)
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, opt, params, ema, x1, x0, t, feats, mask, rope, learning_rate(args, step),
+                                     args.ema))  # fmt: skip
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            live = [q.detach().clone() for q in params]
-            with torch.no_grad():
-                for q, e in zip(params, ema):
-                    q.copy_(e)
-            x = sample(model.eval(), rope, eval_feats, eval_mask, len(prompts), args.resolution, 4.0, args.in_channels)
-            with torch.no_grad():
-                images = to_uint8(x if vae is None else vae.decode(x * scale).sample)
-            with torch.no_grad():
-                for q, w in zip(params, live):
-                    q.copy_(w)
-            model.train()
+            with ema_weights(model, params, ema):
+                x = sample(model, rope, eval_feats, eval_mask, len(prompts), args.resolution, 4.0, args.in_channels)
+                with torch.no_grad():
+                    images = to_uint8(x if vae is None else vae.decode(x * scale).sample)
             acc = shapes.score(prompts, list(images))
             print(f"| {step + 1} | {np.mean(losses[-200:]):.4f} | {time.perf_counter() - start:.0f} | "
                   + " | ".join(f"{acc[k]:.1%}" for k in ("background", "colour", "shape", "size", "position"))
