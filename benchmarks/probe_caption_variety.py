@@ -68,15 +68,7 @@ def main():
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--eval-every", type=int, default=2000)
     p.add_argument("--prompts", type=int, default=48, help="held-out prompts per caption form")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
-    p.add_argument("--ema", type=float, default=0.998)
-    p.add_argument("--t-sampling", default="uniform", choices=["uniform", "logit_normal"])
-    p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--layers", type=int, default=5)
+    probe.add_recipe_arguments(p)
     p.add_argument("--patch", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -91,7 +83,6 @@ def main():
     evals = {form: shapes.heldout_prompts(args.prompts, form, seed=0) for form in shapes.FORMS}
     evals["canonical"] = [shapes.caption(s) for s in shapes.heldout_scenes(args.prompts, seed=0)]
     evals = {form: (prompts, *probe.eval_features(args.text_encoder, prompts)) for form, prompts in evals.items()}
-    args.heads, args.kv_heads = 4, 2
     args.resolution, args.cap_dim, args.in_channels = z.shape[-1], feats.shape[-1], z.shape[1]
     model = probe.build_model(args).train()
     params = list(model.parameters())

@@ -158,11 +158,8 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return np.round(np.clip((x.numpy() + 1) / 2, 0, 1).transpose(0, 2, 3, 1) * 255).astype(np.uint8)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cache", required=True, help="features-*.safetensors written by tools/train.py")
-    p.add_argument("--text-encoder", required=True)
-    p.add_argument("--steps", type=int, default=1400)
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The recipe flags both probes share: optimisation, t sampling, caption dropout and the Next-DiT's size."""
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
@@ -174,6 +171,14 @@ def main():
     p.add_argument("--layers", type=int, default=5)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cache", required=True, help="features-*.safetensors written by tools/train.py")
+    p.add_argument("--text-encoder", required=True)
+    p.add_argument("--steps", type=int, default=1400)
+    add_recipe_arguments(p)
     p.add_argument("--patch", type=int, default=4)
     p.add_argument("--eval-every", type=int, default=700)
     p.add_argument("--prompts", type=int, default=96, help="held-out prompts per evaluation")
