@@ -2,6 +2,7 @@
 command line of the training tools."""
 
 import dataclasses
+import functools
 import os
 import time
 
@@ -133,7 +134,8 @@ def run_tool(description: str, recipe_cls, train_fn, export_fn, argv=None) -> No
     check_run(cfg, args["export"])
     ms.set_device(args["device"])
     rank, world = data_parallel_world()
-    trainer = train_fn(cfg, rank, world)
+    # each log line flushed: a run's stdout is usually a file (msrun's log_dir, nohup) that people follow while it runs
+    trainer = train_fn(cfg, rank, world, log=functools.partial(print, flush=True))
     if args["export"] and rank == 0:
         note = export_fn(cfg, trainer, args["export"])
         print(f"exported {args['export']}" + (f" ({note})" if note else ""))
