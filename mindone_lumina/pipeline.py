@@ -6,6 +6,8 @@ family differences (prompt encoding, RoPE scaling) are chosen from the transform
 Time convention and step counting are those of ``sampling.py``. The denoiser is compiled once per resolution: every
 model call of every step and every ``__call__`` at that size reuses it (RoPE tables and timesteps are inputs). On CPU
 graph mode that is one block graph the layers take turns in (``shared_block``), elsewhere one whole-model graph.
+Context Drop (``models/context_drop.py``, Next-DiT only) adds a second graph per resolution, the merged one, which
+the evaluations in its time window run (its pooling tables are inputs too).
 
 Memory: a component may be ``Lazy`` (its config known, its weights read when needed). ``from_pretrained`` makes the
 components lazy when ``offload`` is on: the text encoder is loaded for encoding and released, the transformer is
@@ -31,7 +33,7 @@ from mindspore import Tensor
 from . import backend, components, sampling
 from .dtypes import ms_dtype
 from .io import diffusers_io
-from .models import flagdit, nextdit
+from .models import context_drop, flagdit, nextdit
 from .models import vae as vae_lib
 from .sampling import SampleSettings
 from .text import gemma, llama
@@ -123,6 +125,7 @@ class TextToImagePipeline:
         """
         settings = dataclasses.replace(settings or self.defaults, **overrides)
         settings.validate(self.size_multiple)
+        self._context_drop_layers(settings)  # a layer or model it cannot serve: before any work
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height, width = settings.height or self.train_size, settings.width or self.train_size
         shape = (len(prompts), self.transformer.cfg.in_channels, height // self.downsample, width // self.downsample)
@@ -222,9 +225,14 @@ class TextToImagePipeline:
         return latents
 
     def _model_fn(self, cap_feats, cap_mask, height: int, width: int, settings: SampleSettings):
-        """``model_fn(x2, t) -> v2`` for ``sampling.cfg_velocity``; RoPE tables follow the time-aware switch at t."""
+        """``model_fn(x2, t) -> v2`` for ``sampling.cfg_velocity``; RoPE tables follow the time-aware switch at t, and
+        Context Drop's pooling tables go to the evaluations in its time window (``SampleSettings.merges_at``)."""
         model = self.denoiser()
         h, w = height // self.downsample, width // self.downsample
+        layers, merge = self._context_drop_layers(settings), ()
+        if layers is not None:
+            p = model.cfg.patch_size
+            merge = (*context_drop.merge_inputs(h // p, w // p, settings.context_drop), layers)
         if isinstance(model.cfg, flagdit.FlagDiTConfig):  # Lumina-T2I's demo settings; the tables do not depend on t
             ntk = 1.0 if settings.scaling == "off" else flagdit.ntk_factor_for(height, width, self.train_size,
                                                                                 self.size_multiple)  # fmt: skip
@@ -248,9 +256,23 @@ class TextToImagePipeline:
 
         def model_fn(x2, t: float):
             t_vec = Tensor(np.full((x2.shape[0],), t, np.float32))
+            if settings.merges_at(t):
+                return model(x2, t_vec, cap_feats, cap_mask, *rope_at(t), *merge)
             return model(x2, t_vec, cap_feats, cap_mask, *rope_at(t))
 
         return model_fn
+
+    def _context_drop_layers(self, settings: SampleSettings) -> tuple | None:
+        """The layers Context Drop runs in (None: off); ``ValueError`` for a model or a layer it cannot serve."""
+        if settings.context_drop == 1:
+            return None
+        cfg = self.transformer.cfg  # also of a Lazy transformer, before it is loaded
+        if not isinstance(cfg, nextdit.NextDiTConfig):
+            raise ValueError(f"context_drop is implemented for Next-DiT only, not {cfg.FAMILY}: use context_drop 1")
+        try:
+            return sampling.context_drop_layers(settings.context_drop_layers, cfg.n_layers)
+        except ValueError as e:
+            raise ValueError(f"context_drop_layers: {e}") from None
 
     def denoiser(self):
         """The DiT, or the shared-block runner over a Next-DiT (see ``shared_block``), built once; a ``Lazy``
@@ -341,7 +363,10 @@ class TextToImagePipeline:
         """Write this pipeline as a folder in the diffusers layout (``io.diffusers_io``) that diffusers, mindone and
         ``from_pretrained`` load, with its training size, sampling defaults and prompt template."""
         self.load_all()
-        sampling_defaults = {k: getattr(self.defaults, k) for k in diffusers_io.DEFAULT_SAMPLING}
+        # the usual five, and every other setting whose default this pipeline changed (RoPE mode, Context Drop, ...)
+        plain = SampleSettings()
+        sampling_defaults = {k: v for k, v in dataclasses.asdict(self.defaults).items()
+                             if k in diffusers_io.DEFAULT_SAMPLING or v != getattr(plain, k)}  # fmt: skip
         vocabulary = None if self.vocabulary is None else sorted(self.vocabulary)
         settings = diffusers_io.ProjectSettings(self.train_size, self.prompt_template, sampling_defaults, vocabulary)
         diffusers_io.save_pipeline(folder, settings, self.transformer, self.text_encoder, self.tokenizer, self.vae)

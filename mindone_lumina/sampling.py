@@ -6,6 +6,9 @@ Time convention (written here once; every other module refers to it):
     ``lumina_next_t2i_mini/transport.py``). Sampling integrates dx/dt = v(x, t) forward from t = 0 (or the
     img2img start) to t = 1.
 
+Context Drop (``models/context_drop.py``) merges image tokens' keys and values in the model evaluations at
+``t < context_drop_until``: early, where the image is still coarse (``SampleSettings.merges_at``).
+
 Step count: ``num_steps`` means what the original's ``num_sampling_steps`` (demo "Sampling steps" slider, ``sample.py
 --num_sampling_steps``) means: the number of points of the time grid, ``linspace(0, 1, num_steps)`` in
 ``transport.ODE``. The solver therefore takes ``num_steps - 1`` steps (the demo's "30 steps" is 29 midpoint steps,
@@ -16,6 +19,7 @@ NumPy arrays, MindSpore Tensors and torch tensors. Times are Python floats (floa
 """
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +52,16 @@ class SampleSettings:
     proportional_attn: bool = True
     atol: float = 1e-6  # dopri5 only
     rtol: float = 1e-3
+    # Context Drop: merge n x n image tokens' keys and values (1 = off) in the evaluations at t < context_drop_until,
+    # in the layers context_drop_layers names ("all", or 0-based indices and ranges such as "0-5,8"). Off by default;
+    # the window 0.3 (the RoPE watershed, by which the layout is settled) is a first choice, not yet measured
+    context_drop: int = 1
+    context_drop_until: float = 0.3
+    context_drop_layers: str = "all"
+
+    def merges_at(self, t: float) -> bool:
+        """Whether the model evaluation at time ``t`` runs with Context Drop (module docstring)."""
+        return self.context_drop > 1 and t < self.context_drop_until
 
     def validate(self, multiple: int):
         for name in ("height", "width"):
@@ -66,6 +80,42 @@ class SampleSettings:
             raise ValueError(f"guidance scale must be >= 0, got {self.guidance_scale}")
         if not 0.0 <= self.scale_watershed <= 1.0:
             raise ValueError(f"scale_watershed must be in [0, 1], got {self.scale_watershed}")
+        if isinstance(self.context_drop, bool) or not isinstance(self.context_drop, int) or self.context_drop < 1:
+            raise ValueError(f"context_drop must be an integer >= 1 (1 = off), got {self.context_drop!r}")
+        if isinstance(self.context_drop_until, bool) or not 0.0 <= self.context_drop_until <= 1.0:
+            raise ValueError(f"context_drop_until must be in [0, 1], got {self.context_drop_until!r}")
+        try:
+            _layer_ranges(self.context_drop_layers)
+        except ValueError as e:
+            raise ValueError(f"context_drop_layers: {e}") from None
+
+
+def context_drop_layers(spec: str, n_layers: int) -> tuple:
+    """The sorted 0-based indices of the layers ``spec`` names among ``n_layers``: "all", or a comma list of indices
+    and inclusive ranges such as "0-5,8". ``ValueError`` for another form or an index beyond the model's layers."""
+    ranges = _layer_ranges(spec)
+    if ranges is None:
+        return tuple(range(n_layers))
+    last = max(b for _, b in ranges)
+    if last >= n_layers:
+        raise ValueError(f"{spec!r} names layer {last}, but the model has {n_layers} (0-{n_layers - 1})")
+    return tuple(sorted({i for a, b in ranges for i in range(a, b + 1)}))
+
+
+def _layer_ranges(spec: str) -> list | None:
+    """[(first, last), ...] of a layer ``spec`` ("all": None); ``ValueError`` unless well formed."""
+    text = spec.replace(" ", "") if isinstance(spec, str) else ""
+    if text == "all":
+        return None
+    if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", text):
+        raise ValueError(f"expected 'all' or layer indices and ranges from 0 such as '0-5,8', got {spec!r}")
+    ranges = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        ranges.append((int(first), int(last or first)))
+        if ranges[-1][1] < ranges[-1][0]:
+            raise ValueError(f"range {part!r} runs backwards in {spec!r}")
+    return ranges
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -272,6 +272,8 @@ def test_pipeline_runs_flagdit_with_llama(t2i_parts, original, pynative):
     assert np.array_equal(model_fn(x, t).asnumpy(), expected.asnumpy())
     images = pipe(["a red circle"], settings=SampleSettings(height=32, width=48, num_steps=3), progress=False).images
     assert images[0].size == (48, 32)
+    with pytest.raises(ValueError, match="context_drop is implemented for Next-DiT only, not Flag-DiT"):
+        pipe(["a red circle"], context_drop=2, progress=False)
 
 
 def test_sample_cli_takes_a_lumina_t2i_checkpoint(t2i_parts, tmp_path):

@@ -1,6 +1,7 @@
 """The project's components inside mindone.diffusers 0.5.0 ``LuminaPipeline`` (CPU), and diffusers-layout saving
 loaded by diffusers 0.35.2 (PyTorch), mindone and the project. Budgets: fp32 relative error <= 1e-5."""
 
+import dataclasses
 import os
 import re
 
@@ -151,10 +152,21 @@ def test_saved_pipeline_loads_in_diffusers_mindone_and_the_project(ours, tmp_pat
         assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
 
     again = TextToImagePipeline.from_pretrained(folder)
+    assert again.defaults == ours.defaults
     settings = SampleSettings(height=HEIGHT, width=WIDTH, num_steps=3, solver="euler")
     a = ours(PROMPTS, latents=_noise(), settings=settings, progress=False).latents
     b = again(PROMPTS, latents=_noise(), settings=settings, progress=False).latents
     assert np.array_equal(a, b)
+
+    # defaults beyond the usual five (RoPE mode, Context Drop) are saved too
+    original = ours.defaults
+    ours.defaults = dataclasses.replace(original, smooth_rope=True, context_drop=2, context_drop_until=0.5)
+    try:
+        ours.save_pretrained(str(tmp_path / "changed"))
+    finally:
+        ours.defaults = original
+    changed = TextToImagePipeline.from_pretrained(str(tmp_path / "changed")).defaults
+    assert (changed.smooth_rope, changed.context_drop, changed.context_drop_until) == (True, 2, 0.5)
 
 
 def test_readme_use_with_mindone_example_runs(tiny, tmp_path, monkeypatch):

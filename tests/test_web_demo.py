@@ -125,6 +125,10 @@ def test_resolutions_are_the_original_demos_scaled(web_demo):
         ({"guidance_scale": float("nan")}, "guidance scale must be a number >= 0"),
         ({"watershed": 1.5}, "watershed must be a number in 0..1"),
         ({"solver": "heun"}, "unknown solver 'heun'"),
+        ({"context_drop": 0}, "Context Drop merge factor must be a whole number in 1..8, got 0"),
+        ({"context_drop": 1.5}, "Context Drop merge factor must be a whole number"),
+        ({"context_drop_until": 2}, "Context Drop window must be a number in 0..1, got 2"),
+        ({"context_drop_layers": "1-x"}, "context_drop_layers: expected 'all' or layer indices"),
     ],
 )
 def test_a_bad_form_is_a_clear_value_error(web_demo, form, message):
@@ -132,7 +136,8 @@ def test_a_bad_form_is_a_clear_value_error(web_demo, form, message):
 
     good = {"resolution": "1024x1024", "steps": 30, "solver": "midpoint", "schedule": "shift", "shift": 4,
             "guidance_scale": 4, "scaling": "original", "watershed": 0.3, "smooth_rope": False,
-            "proportional_attn": True}  # fmt: skip
+            "proportional_attn": True, "context_drop": 2, "context_drop_until": 0.5,
+            "context_drop_layers": "0-2"}  # fmt: skip
     with pytest.raises(ValueError) as error:
         web_demo.request_settings(SampleSettings(), 16, 4 * 1024**2, **(good | form))
     assert message in str(error.value)
@@ -144,7 +149,8 @@ def test_the_command_line_asks_for_the_same_settings(web_demo):
 
     settings = SampleSettings(height=48, width=96, num_steps=7, solver="rk4", schedule="sigmoid", shift=2.5,
                               guidance_scale=0.0, scaling="always", smooth_rope=True, scale_watershed=0.45,
-                              proportional_attn=False)  # fmt: skip
+                              proportional_attn=False, context_drop=3, context_drop_until=0.65,
+                              context_drop_layers="1,3-4")  # fmt: skip
     info = {"prompt": "a 'quoted' red circle", "negative_prompt": "-blurry", "seed": 99, "model": "some/folder",
             "dtype": "fp16", "settings": vars(settings)}  # fmt: skip
     argv = shlex.split(web_demo.sample_command(info, mode="pynative"))
@@ -153,8 +159,9 @@ def test_the_command_line_asks_for_the_same_settings(web_demo):
     assert (args.prompt, args.negative_prompt, args.seed, args.model, args.dtype, args.mode) == (
         ["a 'quoted' red circle"], "-blurry", 99, "some/folder", "fp16", "pynative")  # fmt: skip
     assert (args.resolution, args.steps, args.solver, args.schedule, args.shift, args.cfg, args.scaling,
-            args.watershed, args.smooth_rope, args.no_proportional_attn) == (
-        (96, 48), 7, "rk4", "sigmoid", 2.5, 0.0, "always", 0.45, True, True)  # fmt: skip
+            args.watershed, args.smooth_rope, args.no_proportional_attn, args.context_drop, args.context_drop_until,
+            args.context_drop_layers) == (
+        (96, 48), 7, "rk4", "sigmoid", 2.5, 0.0, "always", 0.45, True, True, 3, 0.65, "1,3-4")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -211,11 +218,14 @@ def test_two_visitors_never_generate_at_once(server):
 
 
 def test_the_command_line_makes_the_same_image(client, tmp_path):
-    """The printed ``tools/sample.py`` command, run, writes the image the page showed (an extrapolated size)."""
+    """The printed ``tools/sample.py`` command, run, writes the image the page showed (an extrapolated size, with
+    Context Drop)."""
     wide = f"{2 * TRAIN_SIZE}x{TRAIN_SIZE}"
-    image, seed, _, info, command, *_ = client.predict(PROMPT, resolution=wide, steps=5, seed=11, api_name="/generate")
+    image, seed, _, info, command, *_ = client.predict(PROMPT, resolution=wide, steps=5, seed=11, context_drop=2,
+                                                       context_drop_until=0.5, api_name="/generate")  # fmt: skip
     argv = shlex.split(command)
     assert argv[:2] == ["python", "tools/sample.py"] and f"--resolution {wide}" in command
+    assert "--context-drop 2 --context-drop-until 0.5" in command
     out = tmp_path / "again.png"
     done = subprocess.run([sys.executable, *argv[1:], "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)  # fmt: skip

@@ -17,6 +17,7 @@ and leaves no partial file. A Lumina-T2I (Flag-DiT) checkpoint takes a LLaMA-2 f
         --solver euler --prompt "..."
 """
 
+import argparse
 import dataclasses
 import logging
 import os
@@ -32,7 +33,9 @@ from mindone_lumina.pipeline import DEFAULT_MODEL, SampleSettings, TextToImagePi
 
 # flag -> SampleSettings field, for the sampling flags that default to the model's own settings
 SAMPLING_FLAGS = {"steps": "num_steps", "solver": "solver", "schedule": "schedule", "shift": "shift",
-                  "cfg": "guidance_scale", "scaling": "scaling", "watershed": "scale_watershed"}  # fmt: skip
+                  "cfg": "guidance_scale", "scaling": "scaling", "watershed": "scale_watershed",
+                  "context_drop": "context_drop", "context_drop_until": "context_drop_until",
+                  "context_drop_layers": "context_drop_layers"}  # fmt: skip
 NOT_PNG = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")  # --out names that promise another format
 
 
@@ -68,6 +71,13 @@ def parser():
     add("--watershed", type=cli.number(0, 1), help="time-aware RoPE switch in [0, 1]: PI below, NTK above "
         + model_default % 0.3)  # fmt: skip
     add("--no-proportional-attn", action="store_true", help="turn proportional attention off (default: off)")
+    add("--context-drop", type=cli.integer(1), metavar="N", help="Context Drop: self-attention merges the keys and "
+        "values of N x N neighbouring image tokens (2 = 2x2 average pooling; 1 = off) in the evaluations at t < "
+        "--context-drop-until " + model_default % 1)  # fmt: skip
+    add("--context-drop-until", type=cli.number(0, 1), metavar="T", help="Context Drop's window: merge while t < T, "
+        "t = 0 noise, 1 data " + model_default % 0.3)  # fmt: skip
+    add("--context-drop-layers", type=layer_spec, metavar="LAYERS", help="the layers that merge: 'all' or 0-based "
+        "indices and ranges such as '0-5,8' " + model_default % "all")  # fmt: skip
     add("--seed", type=cli.seed, default=0, help=f"seed of the initial noise, 0..{cli.SEED_MAX} (default: 0)")
     add("--model", default=DEFAULT_MODEL, help="model folder or hub id (default: the bundled model)")
     add("--text-encoder", "--gemma", dest="text_encoder", help="text encoder folder for an original-format "
@@ -87,6 +97,15 @@ def parser():
     add("--save-latents", help="write the final latents (before decoding) to this npz (default: none)")
     add("--verbose", action="store_true", help="log each stage to stderr (default: off: warnings only)")
     return p
+
+
+def layer_spec(text: str) -> str:
+    """An argparse type: a ``SampleSettings.context_drop_layers`` text; the model's depth is checked once loaded."""
+    try:
+        SampleSettings(context_drop_layers=text).validate(1)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("context_drop_layers: ")) from None
+    return text
 
 
 def read_prompts(args) -> list:

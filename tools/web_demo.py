@@ -6,10 +6,10 @@
 The model is loaded once, before the server starts. The page has the prompt, the negative prompt, a resolution list
 (the model's training size and the original demo's extrapolations of it; a typed WIDTHxHEIGHT works too), steps, seed
 (0 draws one), solver, time schedule and shift, guidance scale and, under "advanced", the RoPE extrapolation, its
-watershed, the smooth RoPE formula and proportional attention. Each image comes with its settings as JSON, the
-``tools/sample.py`` command that makes it again, a PNG carrying the settings in its text metadata (as
-``tools/sample.py`` writes them) and a gallery of this visitor's earlier images. A progress bar advances per solver
-step; the first image at a size says that the model is being compiled for it.
+watershed, the smooth RoPE formula, proportional attention and Context Drop (merge factor, time window, layers). Each
+image comes with its settings as JSON, the ``tools/sample.py`` command that makes it again, a PNG carrying the
+settings in its text metadata (as ``tools/sample.py`` writes them) and a gallery of this visitor's earlier images. A
+progress bar advances per solver step; the first image at a size says that the model is being compiled for it.
 
 Requests wait in one queue and ``--concurrency`` (1) of them run at a time, so two visitors never run two graphs at
 once. A request the server cannot serve (empty prompt, steps out of range, an image larger than ``--max-pixels``)
@@ -45,6 +45,7 @@ from mindone_lumina.text.tokenizers import words
 # other models get these scaled by train_size / 1024
 EXTRAPOLATIONS = ((1024, 1024), (1536, 1536), (2048, 2048), (2048, 1024), (1024, 2048), (4096, 1024), (1024, 4096))
 MAX_STEPS = 100  # the steps slider's end; the API is held to it too
+MAX_CONTEXT_DROP = 8  # the Context Drop factor slider's end (8 x 8 tokens merged); the API is held to it too
 GALLERY_SIZE = 24  # images kept in a visitor's gallery, newest first
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SCALING = (("time-aware (as the original: beyond the training area only)", "original"),
@@ -130,7 +131,8 @@ def number(value, name: str, low: float, high: float | None = None, whole: bool 
 
 
 def request_settings(defaults: SampleSettings, multiple: int, max_pixels: int, resolution, steps, solver, schedule,
-                     shift, guidance_scale, scaling, watershed, smooth_rope, proportional_attn):  # fmt: skip
+                     shift, guidance_scale, scaling, watershed, smooth_rope, proportional_attn, context_drop,
+                     context_drop_until, context_drop_layers):  # fmt: skip
     """The ``SampleSettings`` of a request over the model's ``defaults``; ``ValueError`` for a value out of range."""
     width, height = parse_resolution(resolution, multiple, max_pixels)
     settings = dataclasses.replace(
@@ -146,8 +148,11 @@ def request_settings(defaults: SampleSettings, multiple: int, max_pixels: int, r
         scale_watershed=number(watershed, "watershed", 0, 1),
         smooth_rope=bool(smooth_rope),
         proportional_attn=bool(proportional_attn),
+        context_drop=number(context_drop, "Context Drop merge factor", 1, MAX_CONTEXT_DROP, whole=True),
+        context_drop_until=number(context_drop_until, "Context Drop window", 0, 1),
+        context_drop_layers=str(context_drop_layers or "").strip(),
     )
-    settings.validate(multiple)  # solver, schedule and scaling names
+    settings.validate(multiple)  # solver, schedule and scaling names, Context Drop's layers
     return settings
 
 
@@ -172,7 +177,9 @@ def sample_command(info: dict, mode: str = "graph", device: str = "CPU") -> str:
         argv += ([f"{flag}={text}"] if text.startswith("-") else [flag, text]) if text else []  # "-x" is no flag
     argv += ["--resolution", f"{s['width']}x{s['height']}", "--steps", str(s["num_steps"]), "--solver", s["solver"],
              "--schedule", s["schedule"], "--shift", repr(s["shift"]), "--cfg", repr(s["guidance_scale"]),
-             "--scaling", s["scaling"], "--watershed", repr(s["scale_watershed"])]  # fmt: skip
+             "--scaling", s["scaling"], "--watershed", repr(s["scale_watershed"]),
+             "--context-drop", str(s["context_drop"]), "--context-drop-until", repr(s["context_drop_until"]),
+             "--context-drop-layers", s["context_drop_layers"]]  # fmt: skip
     argv += ["--smooth-rope"] if s["smooth_rope"] else []
     argv += [] if s["proportional_attn"] else ["--no-proportional-attn"]
     argv += ["--cfg-all-channels"] if s["guide_all_channels"] else []
@@ -187,7 +194,8 @@ class Generator:
 
     def __init__(self, pipe: TextToImagePipeline, args, folder: str, max_pixels: int):
         self.pipe, self.args, self.folder, self.max_pixels = pipe, args, folder, max_pixels
-        self.compiled, self.lock = set(), threading.Lock()  # (width, height) the denoiser has a graph for
+        # (width, height[, Context Drop factor, layers]) the denoiser has graphs for (Context Drop: a second graph)
+        self.compiled, self.lock = set(), threading.Lock()
 
     def __call__(self, prompt: str, negative_prompt: str, seed, settings: SampleSettings, report) -> tuple:
         """(PNG path, its info, seconds per stage, whether the model was compiled first) of one image;
@@ -196,9 +204,10 @@ class Generator:
             raise ValueError("the prompt is empty: describe the image to generate")
         seed = request_seed(seed)
         size = (settings.width, settings.height)
+        merged = (settings.context_drop, settings.context_drop_layers) if settings.context_drop > 1 else ()
         graph = ms.get_context("mode") == ms.GRAPH_MODE
         with self.lock:  # an offloading pipeline releases its graphs after every image (pipeline.py)
-            compiling = graph and (self.pipe.offload or size not in self.compiled)
+            compiling = graph and (self.pipe.offload or size + merged not in self.compiled)
         report(0, None, f"compiling the model for {size[0]}x{size[1]}: the first image at a size takes longer"
                if compiling else "encoding the prompt")  # fmt: skip
         grid = sampling.time_grid(settings.num_steps, settings.schedule, settings.shift, settings.steepness)
@@ -206,7 +215,7 @@ class Generator:
         result = self.pipe(prompt, negative_prompt or "", seed=seed, settings=settings, progress=False,
                            callback=lambda i, t, x: report(i + 1, total, f"sampling {size[0]}x{size[1]}"))  # fmt: skip
         with self.lock:
-            self.compiled.add(size)
+            self.compiled.add(size + merged)
         info = {"prompt": prompt, "negative_prompt": negative_prompt or "", "seed": seed, "model": self.args.model,
                 "dtype": self.args.dtype, "text_encoder": self.args.text_encoder, "vae": self.args.vae,
                 "settings": dataclasses.asdict(settings)}  # fmt: skip
@@ -227,10 +236,12 @@ def build_page(gr, generator: Generator, examples):
     sizes = resolutions(pipe.train_size, multiple, generator.max_pixels)
 
     def generate(prompt, negative_prompt, resolution, steps, seed, solver, schedule, shift, guidance_scale, scaling,
-                 watershed, smooth_rope, proportional_attn, history, progress=gr.Progress()):  # fmt: skip
+                 watershed, smooth_rope, proportional_attn, context_drop, context_drop_until, context_drop_layers,
+                 history, progress=gr.Progress()):  # fmt: skip
         try:
             settings = request_settings(d, multiple, generator.max_pixels, resolution, steps, solver, schedule, shift,
-                                        guidance_scale, scaling, watershed, smooth_rope, proportional_attn)  # fmt: skip
+                                        guidance_scale, scaling, watershed, smooth_rope, proportional_attn,
+                                        context_drop, context_drop_until, context_drop_layers)  # fmt: skip
             unknown = generator.unknown_words(prompt or "")
             if unknown:
                 gr.Warning(f"this model never saw {', '.join(map(repr, unknown))} in training and reads them as noise")
@@ -277,6 +288,12 @@ def build_page(gr, generator: Generator, examples):
                     smooth = gr.Checkbox(d.smooth_rope, label="smooth RoPE (the paper's formula, not the released "
                                          "hard switch)")  # fmt: skip
                     proportional = gr.Checkbox(d.proportional_attn, label="proportional attention")
+                    drop = gr.Slider(1, MAX_CONTEXT_DROP, d.context_drop, step=1, label="Context Drop: merge N x N "
+                                     "image tokens' keys and values in self-attention (1 = off)")  # fmt: skip
+                    drop_until = gr.Slider(0, 1, d.context_drop_until, step=0.05, label="Context Drop while t < this "
+                                           "(t = 0 noise, 1 data)")  # fmt: skip
+                    drop_layers = gr.Textbox(d.context_drop_layers, label="Context Drop layers: 'all' or indices "
+                                             "and ranges from 0, e.g. 0-5,8")  # fmt: skip
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Examples([[e] for e in examples], inputs=[prompt], label="examples (click one)")
             with gr.Column():
@@ -290,7 +307,7 @@ def build_page(gr, generator: Generator, examples):
         gallery = gr.Gallery(label="your earlier images", columns=8, height=240, object_fit="contain", preview=False,
                              elem_id="gallery")  # fmt: skip
         inputs = [prompt, negative, resolution, steps, seed, solver, schedule, shift, cfg, scaling, watershed, smooth,
-                  proportional, history]  # fmt: skip
+                  proportional, drop, drop_until, drop_layers, history]  # fmt: skip
         outputs = [image, seed_used, status, settings_json, command, png, gallery, history]
         button.click(generate, inputs, outputs, api_name="generate")
         prompt.submit(generate, inputs, outputs, api_visibility="private")

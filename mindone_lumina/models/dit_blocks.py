@@ -17,6 +17,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn
 
 from .. import backend, rope
+from . import context_drop
 from .layers import LayerNorm, linear, normal_parameter, zero_linear
 
 
@@ -139,7 +140,8 @@ class TimestepEmbedder(nn.Cell):
 
 
 class Attention(nn.Cell):
-    """Self-attention with RoPE plus gated cross-attention to the caption, both from the rotated queries.
+    """Self-attention with RoPE plus gated cross-attention to the caption, both from the rotated queries; the
+    self-attention optionally with Context Drop's merged keys and values (``context_drop.py``).
 
     ``separate_cross_query``: the cross-attention has its own query projection ``wq_y`` (and ``qy_norm``). The
     original shares ``wq``; diffusers stores the query twice (``attn1.to_q``, ``attn2.to_q``) and trains both, so a
@@ -170,15 +172,22 @@ class Attention(nn.Cell):
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.fused = backend.use_fused_kernels()
 
-    def construct(self, x, cos, sin, gain, y, y_mask):
+    def construct(self, x, cos, sin, gain, y, y_mask, merge_index=None, merge_weight=None):
+        """``merge_index``/``merge_weight``: Context Drop's pooling tables (``context_drop.merge_tables``); None
+        (a graph constant) is full self-attention."""
         b, seq, _ = x.shape
-        xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)  # (B, L, N*D), (B, L, Nkv*D) x2
+        xq, xk = self.wq(x), self.wk(x)  # (B, L, N*D), (B, L, Nkv*D)
         yk = self.wk_y(y)  # (B, Lc, Nkv*D)
         if self.qk_norm:
             xq, xk, yk = self.q_norm(xq), self.k_norm(xk), self.ky_norm(yk)
         xq = rope.apply_rope(xq.reshape(b, seq, self.n_heads, self.head_dim), cos, sin)  # (B, L, N, D)
         xk = rope.apply_rope(xk.reshape(b, seq, self.n_kv_heads, self.head_dim), cos, sin)  # (B, L, Nkv, D)
-        xv = xv.reshape(b, seq, self.n_kv_heads, self.head_dim)
+        if merge_index is None:
+            xv = self.wv(x).reshape(b, seq, self.n_kv_heads, self.head_dim)  # (B, L, Nkv, D)
+        else:  # Context Drop: the finished keys pooled; the values pooled before wv, which is linear
+            xk = context_drop.pool_tokens(xk, merge_index, merge_weight)  # (B, S, Nkv, D)
+            xv = self.wv(context_drop.pool_tokens(x, merge_index, merge_weight))  # (B, S, Nkv*D)
+            xv = xv.reshape(b, -1, self.n_kv_heads, self.head_dim)  # (B, S, Nkv, D)
         # proportional attention multiplies the self-attention softmax scale only; the cross branch keeps 1/sqrt(D)
         out = backend.attention(xq * gain.astype(xq.dtype), xk, xv, None, self.scale, self.fused)  # (B, L, N, D)
         if self.separate:  # the cross-attention's own query, normed and rotated as the shared one

@@ -11,6 +11,8 @@ RMSNorms, a final layer that only scales. Deviations from the original, all deli
 * The model returns the velocity only (the learned-sigma half is dropped inside ``construct``, as the original).
 * ``separate_cross_query`` (not in the original) gives the cross-attention its own query, for diffusers-trained
   weights (``dit_blocks.Attention``).
+* Context Drop (``context_drop.py``; the paper's, not in the released code): self-attention with merged keys and
+  values in chosen layers, when its pooling tables are passed to ``construct``; without them the original's path.
 
 Time convention: ``t`` in [0, 1], t = 0 is noise and t = 1 is data (see ``sampling.py``).
 """
@@ -76,10 +78,10 @@ class TransformerBlock(nn.Cell):
         self.adaLN_modulation = nn.SequentialCell([nn.SiLU(), zero_linear(cfg.cond_dim, 4 * d)])
         self.attention_y_norm = RMSNorm(cfg.cap_feat_dim, eps)
 
-    def construct(self, x, cos, sin, gain, y, y_mask, c):
+    def construct(self, x, cos, sin, gain, y, y_mask, c, merge_index=None, merge_weight=None):
         scale_msa, gate_msa, scale_mlp, gate_mlp = mint.chunk(self.adaLN_modulation(c), 4, dim=1)  # (B, dim) x4
         h = self.attention_norm1(x) * (1 + scale_msa.unsqueeze(1))
-        h = self.attention(h, cos, sin, gain, self.attention_y_norm(y), y_mask)
+        h = self.attention(h, cos, sin, gain, self.attention_y_norm(y), y_mask, merge_index, merge_weight)
         x = x + mint.tanh(gate_msa).unsqueeze(1) * self.attention_norm2(h)
         h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp.unsqueeze(1)))
         return x + mint.tanh(gate_mlp).unsqueeze(1) * self.ffn_norm2(h)  # (B, L, dim)
@@ -88,10 +90,13 @@ class TransformerBlock(nn.Cell):
 class NextDiT(CheckedInputs, nn.Cell):
     """Next-DiT velocity model ``v(x_t, t, caption)``.
 
-    ``construct(x, t, cap_feats, cap_mask, rope_cos, rope_sin, attn_gain)``:
+    ``construct(x, t, cap_feats, cap_mask, rope_cos, rope_sin, attn_gain[, merge_index, merge_weight,
+    merge_layers])``:
         x (B, C, H, W) latents; t (B,) in [0, 1]; cap_feats (B, Lc, cap_feat_dim); cap_mask (B, Lc), 1 = token;
         rope_cos / rope_sin (L, head_dim/2) float32 with L = (H/p)(W/p) (``rope_inputs``); attn_gain (1,) float32,
-        the proportional-attention factor (``rope.proportional_attention_gain``). Returns the velocity (B, C, H, W).
+        the proportional-attention factor (``rope.proportional_attention_gain``). Context Drop (``context_drop.py``):
+        merge_index / merge_weight, the pooling tables of the (H/p, W/p) grid (``context_drop.merge_inputs``), used
+        by the layers in the tuple of ints ``merge_layers`` (None: all). Returns the velocity (B, C, H, W).
     """
 
     def __init__(self, cfg: NextDiTConfig):
@@ -114,12 +119,22 @@ class NextDiT(CheckedInputs, nn.Cell):
         x = self.final_layer(x, c_emb).reshape(x.shape[0], height // p, width // p, -1)  # (B, H/p, W/p, p*p*C_out)
         return dit_blocks.unpatchify(x, p, self.cfg.out_channels, self.cfg.in_channels)
 
-    def construct(self, x, t, cap_feats, cap_mask, rope_cos, rope_sin, attn_gain):
+    def construct(self, x, t, cap_feats, cap_mask, rope_cos, rope_sin, attn_gain, merge_index=None,
+                  merge_weight=None, merge_layers=None):  # fmt: skip
         h, w = x.shape[2], x.shape[3]
         x, c_emb, y_mask = self.embed(x, t, cap_feats, cap_mask)  # (B, L, dim), (B, cond), (B, Lc)
-        for layer in self.layers:
-            x = layer(x, rope_cos, rope_sin, attn_gain, cap_feats, y_mask, c_emb)
+        merged = merged_layers(len(self.layers), merge_index is not None, merge_layers)  # graph constants
+        for i, layer in enumerate(self.layers):
+            if merged[i]:
+                x = layer(x, rope_cos, rope_sin, attn_gain, cap_feats, y_mask, c_emb, merge_index, merge_weight)
+            else:
+                x = layer(x, rope_cos, rope_sin, attn_gain, cap_feats, y_mask, c_emb)
         return self.unembed(x, c_emb, h, w)
+
+
+def merged_layers(n_layers: int, merging: bool, layers=None) -> tuple:
+    """Per layer, whether it runs Context Drop: none unless ``merging``, else those in ``layers`` (None: all)."""
+    return tuple(merging and (layers is None or i in layers) for i in range(n_layers))
 
 
 class SharedBlockNextDiT:
@@ -149,14 +164,18 @@ class SharedBlockNextDiT:
     def _unembed(self, x, c_emb, height: int, width: int):  # ints are constants: one small graph per size
         return self.model.unembed(x, c_emb, height, width)
 
-    def __call__(self, x, t, cap_feats, cap_mask, rope_cos, rope_sin, attn_gain):
+    def __call__(self, x, t, cap_feats, cap_mask, rope_cos, rope_sin, attn_gain, merge_index=None,
+                 merge_weight=None, merge_layers=None):  # fmt: skip
         self.model.check_inputs(x, t, cap_feats, cap_mask, rope_cos, rope_sin)
         h, w = x.shape[2], x.shape[3]
         x, c_emb, y_mask = self._embed(x, t, cap_feats, cap_mask)  # (B, L, dim), (B, cond), (B, Lc)
-        for weights in self._weights:
+        merged = merged_layers(len(self._weights), merge_index is not None, merge_layers)
+        for weights, merge in zip(self._weights, merged):
             for slot, weight in zip(self._slots, weights):
                 slot.set_data(weight)
-            x = self.block(x, rope_cos, rope_sin, attn_gain, cap_feats, y_mask, c_emb)
+            # the block has two graphs per shape: with Context Drop's tables as inputs, and without
+            tables = (merge_index, merge_weight) if merge else ()
+            x = self.block(x, rope_cos, rope_sin, attn_gain, cap_feats, y_mask, c_emb, *tables)
         return self._unembed(x, c_emb, h, w)
 
 
