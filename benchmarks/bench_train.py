@@ -1,11 +1,14 @@
 """Training-step time: the project's compiled step vs a PyTorch reference step on the same config, batch and weights.
 
     python benchmarks/bench_train.py [--batch 4] [--tokens 256] [--repeats 5]
+    python benchmarks/bench_train.py --model default --batch 32 --tokens 64 --repeats 10   # the default model's size
 
 Project: ``training.Trainer.step`` in MindSpore graph mode (velocity loss, backward, global-norm clipping,
 ``nn.AdamWeightDecay``, EMA; one compiled graph), fp32 and fp16 compute. Reference: diffusers 0.35.2
 ``LuminaNextDiT2DModel`` in PyTorch eager, the same loss, ``clip_grad_norm_``, ``torch.optim.AdamW`` and an EMA
-``lerp_``. Hidden 384 / 6 layers / 6 heads / 2 kv heads, 4 latent channels, 128-token captions of width 256. Each
+``lerp_``. ``--model bench``: hidden 384 / 6 layers / 6 heads / 2 kv heads, patch 2, learned sigma, 4 latent
+channels, 128-token captions of width 256; ``--model default``: the bundled default model's shape (hidden 128 / 5
+layers / 4 heads / 2 kv heads, patch 1, 16-token captions of width 64). Each
 framework runs in its own process (peak RSS is its own); median of ``repeats`` steps after two warm-up steps (the
 first includes compilation, reported separately). The first step's loss is compared as a sanity check.
 """
@@ -21,9 +24,14 @@ import time
 
 import numpy as np
 
-CONFIG = {"dim": 384, "n_layers": 6, "n_heads": 6, "n_kv_heads": 2, "qk_norm": True, "cap_feat_dim": 256,
-          "in_channels": 4, "learn_sigma": True}  # fmt: skip
-CAPTION, LR, CLIP, EMA = 128, 1e-4, 1.0, 0.999
+MODELS = {  # name -> (Next-DiT config, caption tokens)
+    "bench": ({"dim": 384, "n_layers": 6, "n_heads": 6, "n_kv_heads": 2, "qk_norm": True, "cap_feat_dim": 256,
+               "in_channels": 4, "learn_sigma": True}, 128),
+    "default": ({"dim": 128, "n_layers": 5, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 64, "qk_norm": True,
+                 "cap_feat_dim": 64, "in_channels": 4, "patch_size": 1, "learn_sigma": False}, 16),
+}  # fmt: skip
+CONFIG, CAPTION = MODELS["bench"]  # main() sets the --model's
+LR, CLIP, EMA = 1e-4, 1.0, 0.999
 
 
 def random_state(model) -> dict:
@@ -33,7 +41,7 @@ def random_state(model) -> dict:
 
 def batch(size: int, tokens: int):
     rng = np.random.default_rng(1)
-    side = int(round(tokens**0.5)) * 2  # square latent, patch 2
+    side = int(round(tokens**0.5)) * CONFIG.get("patch_size", 2)  # square latent
     x1 = rng.standard_normal((size, 4, side, side)).astype(np.float32)
     x0 = rng.standard_normal((size, 4, side, side)).astype(np.float32)
     t = rng.uniform(0.0, 1.0, size).astype(np.float32)
@@ -76,9 +84,9 @@ def torch_step(size: int, tokens: int):
 
     cfg = nextdit.resolve_config(CONFIG)
     ref = LuminaNextDiT2DModel(
-        sample_size=64, patch_size=2, in_channels=4, hidden_size=cfg.dim, num_layers=cfg.n_layers,
+        sample_size=64, patch_size=cfg.patch_size, in_channels=4, hidden_size=cfg.dim, num_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_kv_heads=cfg.n_kv_heads, multiple_of=cfg.multiple_of,
-        learn_sigma=True, qk_norm=True, cross_attention_dim=cfg.cap_feat_dim,
+        learn_sigma=cfg.learn_sigma, qk_norm=True, cross_attention_dim=cfg.cap_feat_dim,
     ).train()  # fmt: skip
     model = nextdit.NextDiT(cfg)
     specs = convert_tensors(ArrayCheckpoint(random_state(model)), None, param_shapes(model))
@@ -127,7 +135,7 @@ def worker(kind: str, size: int, tokens: int, repeats: int) -> dict:
 
 def run_worker(kind: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--batch", str(args.batch), "--tokens", str(args.tokens),
-           "--repeats", str(args.repeats)]  # fmt: skip
+           "--repeats", str(args.repeats), "--model", args.model]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -137,8 +145,11 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--model", choices=sorted(MODELS), default="bench", help="the Next-DiT shape (module docstring)")
     p.add_argument("--worker", choices=["torch", "fp32", "fp16"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    global CONFIG, CAPTION
+    CONFIG, CAPTION = MODELS[args.model]
     if args.worker:
         print(json.dumps(worker(args.worker, args.batch, args.tokens, args.repeats)))
         return
@@ -148,8 +159,8 @@ def main():
 
     r = {kind: run_worker(kind, args) for kind in ("torch", "fp32", "fp16")}
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads), mindspore {ms.__version__}; batch {args.batch} x {args.tokens} tokens, median of "
-          f"{args.repeats} steps, each in its own process")  # fmt: skip
+          f"threads), mindspore {ms.__version__}; {args.model} model, batch {args.batch} x {args.tokens} tokens, "
+          f"median of {args.repeats} steps, each in its own process")  # fmt: skip
     print("| step | PyTorch eager (diffusers + AdamW) | MindSpore graph fp32 | MindSpore graph fp16 |")
     print("|---|---|---|---|")
     t = {k: v["median"] for k, v in r.items()}
