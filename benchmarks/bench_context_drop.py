@@ -6,14 +6,15 @@ it does to the images of the bundled default model.
     python benchmarks/bench_context_drop.py --part quality [--num 48] [--until 0.3 0.6 1.0] [--sheet sheet.png]
     python benchmarks/bench_context_drop.py --quick               # a smoke run of both, seconds: tiny model, 2 prompts
 
-Speed: the 768 x 12 benchmark Next-DiT of ``bench_nextdit.py`` (fp32, 12 heads / 4 kv heads, random weights, a
-128-token caption), batch 2 as one guided image's evaluation, MindSpore graph mode through the pipeline's CPU
-denoiser (``SharedBlockNextDiT``, one block graph). Square grids of ``--tokens`` image tokens (4,096 = 1024² px,
-16,384 = 2048² px with the SDXL VAE). Each token count runs in its own process (its peak RSS is its own); in it the
-full model and each merge factor (all layers merged) are compiled first, then timed in turns, ``--repeats`` rounds,
-median per setting, so that load changes on the machine hit every setting alike. The seconds per image are computed
-from the measured seconds per evaluation and the evaluation count at each ``--until`` of the default sampler
-(midpoint, 30 grid points, shift 4: 58 evaluations).
+Speed: the 768 x 12 benchmark Next-DiT of ``bench_nextdit.py`` (fp32, 12 heads / 4 kv heads, random weights, a 128-token
+caption), batch 2 (``--batch``) as one guided image's evaluation, MindSpore graph mode through the pipeline's CPU
+denoiser (``SharedBlockNextDiT``, one block graph). Square grids of ``--tokens`` image tokens (4,096 = 1024² px, 16,384
+= 2048² px with the SDXL VAE). Each setting (the full model, each merge factor with all layers merged) runs in its own
+process: one call compiles, then ``--repeats`` timed calls, median. Separate processes because MindSpore keeps each
+compiled graph's workspace while the process lives: at 2048² the full graph's alone is about 14 GiB, and the settings
+side by side in one process reached 23 GiB of 24 and slowed every call down. So each peak RSS is that setting's own. Run
+nothing else meanwhile. The seconds per image are computed from the measured seconds per evaluation and the evaluation
+count at each ``--until`` of the default sampler (midpoint, 30 grid points, shift 4: 58 evaluations).
 
 Quality: the bundled model at its training size and at 2x and 4x its side (``--sizes`` for others), its default
 settings, held-out prompts in its caption template (``shapes.heldout_scenes``), the same seeds with and without
@@ -46,7 +47,7 @@ from mindone_lumina.weights.load import load_state_dict
 
 CFG = nextdit.NextDiTConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, qk_norm=True, cap_feat_dim=2048)
 QUICK_CFG = nextdit.NextDiTConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm=True, cap_feat_dim=64)
-CAPTION, BATCH = 128, 2
+CAPTION = 128
 VAE_FACTOR = 8  # SDXL VAE, for the pixel sizes the speed table names
 KEYS = ("background", "colour", "shape")
 
@@ -54,8 +55,8 @@ KEYS = ("background", "colour", "shape")
 # ------------------------------------------------------------------------------------------------------------------
 # Speed
 # ------------------------------------------------------------------------------------------------------------------
-def speed_worker(cfg, tokens: int, factors: list, repeats: int) -> dict:
-    """{setting: {"compile", "median"}} of one token count, in this process (see the module docstring)."""
+def speed_worker(cfg, tokens: int, factor: int, repeats: int, batch: int) -> dict:
+    """{"compile", "median", "peak_gib"} of one token count and merge factor (1 = off), in this process."""
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
     model = nextdit.NextDiT(cfg)
@@ -65,32 +66,23 @@ def speed_worker(cfg, tokens: int, factors: list, repeats: int) -> dict:
     runner = nextdit.SharedBlockNextDiT(model)
     side = int(round(tokens**0.5))
     latent = side * cfg.patch_size
-    x = Tensor(rng.standard_normal((BATCH, cfg.in_channels, latent, latent)).astype(np.float32))
-    t = Tensor(np.full((BATCH,), 0.2, np.float32))
-    cap = Tensor(rng.standard_normal((BATCH, CAPTION, cfg.cap_feat_dim)).astype(np.float32))
-    mask = np.ones((BATCH, CAPTION), np.int32)
+    x = Tensor(rng.standard_normal((batch, cfg.in_channels, latent, latent)).astype(np.float32))
+    t = Tensor(np.full((batch,), 0.2, np.float32))
+    cap = Tensor(rng.standard_normal((batch, CAPTION, cfg.cap_feat_dim)).astype(np.float32))
+    mask = np.ones((batch, CAPTION), np.int32)
     mask[:, 100:] = 0  # a padded caption
     tables = nextdit.rope_inputs(cfg, latent, latent, 0.2)
-    layers = tuple(range(cfg.n_layers))
-    settings = {"off": ()} | {f"x{n}": (*context_drop.merge_inputs(side, side, n), layers) for n in factors}
+    extra = () if factor == 1 else (*context_drop.merge_inputs(side, side, factor), tuple(range(cfg.n_layers)))
 
-    def call(extra):
-        return runner(x, t, cap, Tensor(mask), *tables, *extra).asnumpy()
-
-    out, times = {}, {name: [] for name in settings}
-    for name, extra in settings.items():  # compile (and warm up) every setting before timing any
+    def call():
         start = time.perf_counter()
-        call(extra)
-        out[name] = {"compile": time.perf_counter() - start}
-    for _ in range(repeats):
-        for name, extra in settings.items():
-            start = time.perf_counter()
-            call(extra)
-            times[name].append(time.perf_counter() - start)
-    for name in settings:
-        out[name]["median"] = statistics.median(times[name])
-        out[name]["compile"] -= out[name]["median"]
-    return {"settings": out, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        runner(x, t, cap, Tensor(mask), *tables, *extra).asnumpy()
+        return time.perf_counter() - start
+
+    first = call()
+    median = statistics.median(call() for _ in range(repeats))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"compile": first - median, "median": median, "peak_gib": peak}
 
 
 def evaluation_times(settings: sampling.SampleSettings) -> list:
@@ -109,25 +101,27 @@ def evaluation_times(settings: sampling.SampleSettings) -> list:
 def speed(args, cfg) -> None:
     print(f"# {platform.processor() or platform.machine()}, mindspore {ms.__version__}, CPU graph mode (shared block "
           f"graph), fp32, {cfg.dim} x {cfg.n_layers} Next-DiT ({cfg.n_heads} heads / {cfg.kv_heads} kv heads), batch "
-          f"{BATCH}, {CAPTION}-token caption; each row a separate process, median of {args.repeats}")  # fmt: skip
+          f"{args.batch}, {CAPTION}-token caption; each setting its own process, median of {args.repeats}")  # fmt: skip
     factors = [f"x{n}" for n in args.factors]
-    print("| tokens (px) | full s/eval (compile s) | " + " | ".join(f"{f} s/eval (compile s) | {f} speed-up"
-                                                          for f in factors) + " | peak RSS GiB |")  # fmt: skip
-    print("|---|---|" + "---|---|" * len(factors) + "---|")
+    print("| tokens (px) | full s/eval (compile s, peak GiB) | " + " | ".join(
+        f"{f} s/eval (compile s, peak GiB) | {f} speed-up" for f in factors) + " |")  # fmt: skip
+    print("|---|---|" + "---|---|" * len(factors))
     default = sampling.SampleSettings()
     when = evaluation_times(default)
     rows = []
     for tokens in args.tokens:
-        cmd = [sys.executable, __file__, "--worker", "--tokens", str(tokens), "--repeats", str(args.repeats),
-               "--depth", str(cfg.n_layers), "--factors", *map(str, args.factors)]  # fmt: skip
-        cmd += ["--quick"] if args.quick else []
-        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        s = r["settings"]
+        s = {}
+        for factor in [1, *args.factors]:
+            cmd = [sys.executable, __file__, "--worker", "--tokens", str(tokens), "--factors", str(factor), "--repeats",
+                   str(args.repeats), "--depth", str(cfg.n_layers), "--batch", str(args.batch)]  # fmt: skip
+            cmd += ["--quick"] if args.quick else []
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            s["off" if factor == 1 else f"x{factor}"] = json.loads(out.strip().splitlines()[-1])
         side = int(round(tokens**0.5)) * cfg.patch_size * VAE_FACTOR
-        cells = [f"{s[f]['median']:.3f} ({s[f]['compile']:.1f}) | {s['off']['median'] / s[f]['median']:.2f}x"
-                 for f in factors]  # fmt: skip
-        print(f"| {tokens} ({side}²) | {s['off']['median']:.3f} ({s['off']['compile']:.1f}) | " + " | ".join(cells)
-              + f" | {r['peak_gib']:.1f} |", flush=True)  # fmt: skip
+        cells = [f"{s[f]['median']:.3f} ({s[f]['compile']:.1f}, {s[f]['peak_gib']:.1f}) | "
+                 f"{s['off']['median'] / s[f]['median']:.2f}x" for f in factors]  # fmt: skip
+        print(f"| {tokens} ({side}²) | {s['off']['median']:.3f} ({s['off']['compile']:.1f}, "
+              f"{s['off']['peak_gib']:.1f}) | " + " | ".join(cells) + " |", flush=True)  # fmt: skip
         rows.append((tokens, s))
     print(f"\nseconds per image computed from the s/eval above: {len(when)} evaluations of the default sampler "
           f"({default.solver}, {default.num_steps} grid points, {default.schedule} {default.shift}), all layers merged "
@@ -264,6 +258,8 @@ def main():
     p.add_argument("--until", type=float, nargs="+", default=[0.3, 0.6, 1.0], help="time windows: merge at t < T")
     p.add_argument("--layers", nargs="+", help="layer specs of the quality rows (default: all, first half, second)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per speed row")
+    p.add_argument("--batch", type=int, default=2, help="speed: images per evaluation (default 2: one guided image's "
+                   "pair; 1 halves the attention memory, which 2048² needs on 24 GiB)")  # fmt: skip
     p.add_argument("--depth", type=int, help="speed: layers of the model (default: 12). Every layer runs the same "
                    "block graph, so s/eval grows with the depth and the speed-up of merging stays")  # fmt: skip
     p.add_argument("--model", help="quality: a model folder (default: the bundled model)")
@@ -280,7 +276,7 @@ def main():
     cfg = QUICK_CFG if args.quick else CFG
     cfg = cfg if args.depth is None else dataclasses.replace(cfg, n_layers=args.depth)
     if args.worker:
-        print(json.dumps(speed_worker(cfg, args.tokens[0], args.factors, args.repeats)))
+        print(json.dumps(speed_worker(cfg, args.tokens[0], args.factors[0], args.repeats, args.batch)))
         return
     if args.quick:
         args.tokens, args.repeats, args.num, args.steps = [64, 256], 1, 2, 2
