@@ -100,6 +100,7 @@ def gelu_tanh(x, fused: bool = False):
 # Attention
 # ------------------------------------------------------------------------------------------------------------------
 _CHUNK_BYTES = 1 << 30  # bound on one fp32 score matrix of the portable attention (see ``attention``)
+_MASKED_FP16 = -3e4  # the key-mask feature in fp16 (``_MASKED`` is -inf there); exp(-3e4 - max) is still 0
 
 
 def attention(q, k, v, key_mask, scale: float, fused: bool = False, attn_mask=None):
@@ -108,7 +109,16 @@ def attention(q, k, v, key_mask, scale: float, fused: bool = False, attn_mask=No
     The portable path computes the scores in query chunks of at most ``_CHUNK_BYTES``: the self-attention of a 1024²
     image (2 x 32 heads x 4096² fp32 scores, 4 GiB) peaked at 8.6 GB in CPU graph mode, which keeps several such
     intermediates alive at once; in four chunks it peaked at 2.5 GB, no slower (measured). Each query row's softmax
-    is its own, so chunking changes nothing but the order of work.
+    is its own, so chunking changes nothing but the order of work. Graph mode does not hand all of a chunk's memory on
+    to the next: 2 x 12 heads x 16,512² scores (24 GiB, 26 chunks) peaked at 14.4 GiB, 8,256² (7 chunks) at 4.3 GiB,
+    and smaller chunks peak higher (measured on CPU, no mask), which bounds the image size one process can sample.
+
+    The scale and the key mask go into the matmul, not onto the (B, N, L, S) scores: the queries are scaled, and with
+    a key mask the queries gain a feature of 1 and the keys one of 0 (attend) or ``_MASKED`` (discard), so the
+    product adds the mask. Every elementwise pass over the scores is as large as the matmul's output, and MindSpore
+    2.10's CPU broadcast add of a (B, 1, 1, S) mask costs far more (measured, 2 x 12 heads x 4224² scores: the first
+    run of a graph 67 s and 10.5 GB for scale and mask added to the scores, 4.9 s and 3.9 GB folded; later runs 1.27
+    and 0.76 s). A query's scale changes its scores by at most a rounding (exact for a power-of-two scale).
 
     Args:
         q: (B, L, N, D) queries.
@@ -124,34 +134,38 @@ def attention(q, k, v, key_mask, scale: float, fused: bool = False, attn_mask=No
     if fused:
         return _flash_attention(q, k, v, key_mask, scale, attn_mask)
     b, seq_q, n, _ = q.shape
-    chunks = -(-b * n * seq_q * k.shape[1] * 4 // _CHUNK_BYTES)  # shapes are graph constants: so is this
-    if chunks == 1:
-        return _math_attention(q, k, v, key_mask, scale, attn_mask)
-    size = -(-seq_q // chunks)
-    rows = range(0, seq_q, size)
-    masks = [None if attn_mask is None else attn_mask[:, :, i : i + size] for i in rows]
-    parts = [_math_attention(q[:, i : i + size], k, v, key_mask, scale, m) for i, m in zip(rows, masks)]
-    return mint.cat(parts, dim=1)  # (B, L, N, D)
-
-
-def _math_attention(q, k, v, key_mask, scale: float, attn_mask=None):
-    n, n_kv = q.shape[2], k.shape[2]
+    seq_k, n_kv = k.shape[1], k.shape[2]
+    q = q * scale
+    if key_mask is not None:
+        masked = _MASKED_FP16 if q.dtype == ms.float16 else _MASKED
+        bias = ((1.0 - key_mask.astype(ms.float32)) * masked).astype(k.dtype).reshape(b, seq_k, 1, 1)
+        q = mint.cat([q, mint.ones((b, seq_q, n, 1), dtype=q.dtype)], dim=3)  # (B, L, N, D + 1)
+        k = mint.cat([k, mint.broadcast_to(bias, (b, seq_k, n_kv, 1))], dim=3)  # (B, S, Nkv, D + 1)
     if n != n_kv:
-        k = _repeat_kv(k, n // n_kv)  # (B, S, N, D)
+        k = _repeat_kv(k, n // n_kv)  # (B, S, N, D')
         v = _repeat_kv(v, n // n_kv)
     # ops.transpose, not mint.permute: the view op's strided output made the elementwise kernels after it, and those
     # of the backward, 3-5x slower on CPU (measured: a training step at the default model's size 1.5 s -> 0.87 s)
-    q = ops.transpose(q, (0, 2, 1, 3))  # (B, N, L, D)
-    k = ops.transpose(k, (0, 2, 3, 1))  # (B, N, D, S)
+    q = ops.transpose(q, (0, 2, 1, 3))  # (B, N, L, D')
+    k = ops.transpose(k, (0, 2, 3, 1))  # (B, N, D', S)
     v = ops.transpose(v, (0, 2, 1, 3))  # (B, N, S, D)
-    scores = mint.matmul(q, k).astype(ms.float32) * scale  # (B, N, L, S); softmax in fp32 as torch SDPA does
-    if key_mask is not None:
-        keep = key_mask.astype(ms.float32).reshape(key_mask.shape[0], 1, 1, -1)  # (B, 1, 1, S)
-        scores = scores + (1.0 - keep) * _MASKED  # additive, as FullLike/masked_fill have no CPU kernel
+    chunks = -(-b * n * seq_q * seq_k * 4 // _CHUNK_BYTES)  # shapes are graph constants: so is this
+    size = -(-seq_q // chunks)
+    parts = []
+    for i in range(0, seq_q, size):
+        chunk_mask = None if attn_mask is None else attn_mask[:, :, i : i + size]
+        parts.append(_attend(q[:, :, i : i + size] if chunks > 1 else q, k, v, chunk_mask))
+    out = parts[0] if chunks == 1 else mint.cat(parts, dim=2)  # (B, N, L, D)
+    return ops.transpose(out, (0, 2, 1, 3))  # (B, L, N, D)
+
+
+def _attend(q, k, v, attn_mask):
+    """softmax(q k) v of scaled (and mask-extended) queries (B, N, l, D') and keys (B, N, D', S) -> (B, N, l, D)."""
+    scores = mint.matmul(q, k).astype(ms.float32)  # (B, N, l, S); softmax in fp32 as torch SDPA does
     if attn_mask is not None:
-        scores = scores + (1.0 - attn_mask.astype(ms.float32)) * _MASKED  # (B|1, 1, L, S) broadcast
+        scores = scores + (1.0 - attn_mask.astype(ms.float32)) * _MASKED  # (B|1, 1, l, S) broadcast
     probs = mint.nn.functional.softmax(scores, dim=-1).astype(v.dtype)
-    return ops.transpose(mint.matmul(probs, v), (0, 2, 1, 3))  # (B, L, N, D)
+    return mint.matmul(probs, v)
 
 
 def _repeat_kv(x, rep: int):

@@ -368,3 +368,26 @@ def test_chunked_attention_equals_one_chunk(mode, monkeypatch):
     whole = run()
     monkeypatch.setattr(backend, "_CHUNK_BYTES", 2 * 4 * 3 * 11 * 4)  # 3 query rows per chunk: 4 chunks of 3, 3, 3, 2
     np.testing.assert_allclose(run(), whole, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, atol", [(np.float32, 1e-6), (np.float16, 5e-3)])
+def test_attention_equals_the_numpy_reference(mode, dtype, atol):
+    """The portable attention folds the scale into the queries and the key mask into the matmul (one more feature);
+    it equals explicit masked softmax attention, with GQA, a key mask, a causal mask and chunking."""
+    from mindone_lumina import backend
+
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 9, 4, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 9, 2, 8)).astype(np.float32) for _ in range(2))
+    q, k, v = (a.astype(dtype).astype(np.float32) for a in (q, k, v))  # the inputs both sides see
+    keys = np.array([[1] * 9, [1] * 5 + [0] * 4], bool)
+    causal = np.tril(np.ones((9, 9), bool))
+    kr, vr = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)  # query head h uses kv head h // 2
+    scores = np.einsum("blnd,bsnd->bnls", q, kr) * 0.3
+    scores = np.where(keys[:, None, None, :] & causal[None, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("bnls,bsnd->blnd", probs / probs.sum(-1, keepdims=True), vr)
+    t = (Tensor(a.astype(dtype)) for a in (q, k, v))
+    got = backend.attention(*t, Tensor(keys), 0.3, False, attn_mask=Tensor(causal[None, None])).asnumpy()
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=0, atol=atol)
