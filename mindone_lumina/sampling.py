@@ -53,8 +53,9 @@ class SampleSettings:
     atol: float = 1e-6  # dopri5 only
     rtol: float = 1e-3
     # Context Drop: merge n x n image tokens' keys and values (1 = off) in the evaluations at t < context_drop_until,
-    # in the layers context_drop_layers names ("all", or 0-based indices and ranges such as "0-5,8"). Off by default;
-    # the window 0.3 (the RoPE watershed, by which the layout is settled) is a first choice, not yet measured
+    # in the layers context_drop_layers names ("all", or 0-based indices and ranges such as "0-5,8"). Off by default
+    # (a few percent faster on small grids); the window 0.3 kept the default model's accuracy at 1x, 2x and 4x where
+    # 0.6 and 1.0 lost shapes (benchmarks/README.md, Context Drop)
     context_drop: int = 1
     context_drop_until: float = 0.3
     context_drop_layers: str = "all"
