@@ -5,14 +5,14 @@ Layout of a store folder:
 
 * ``index-{part}.json`` per writer (``part``: e.g. the extraction rank ``r0``), so parallel writers never share a
   file: the store's ``meta`` (what the features were made with), the shards written so far, and per shard its
-  samples' ids and array shapes, plus the samples skipped per reason.
+  samples' ids and array shapes, plus the ids of the samples skipped, per reason.
 * ``{part}-{n:05d}.safetensors``: the arrays of a shard's samples, named ``{id}/{array}``.
 
 A shard is written whole under a temporary name and renamed, and only then listed in its index (itself replaced
 atomically), so a killed writer leaves complete shards and an index that names exactly them; reopened with the same
-``part`` it goes on after the last listed shard (``stored`` says which ids to skip). A reader holds the index in
-memory (ids and shapes, not arrays) and reads one sample at a time from its memory-mapped shard, so memory does not
-grow with the dataset.
+``part`` it goes on after the last listed shard (``done``: the ids stored or skipped before). A reader holds the index
+in memory (ids and shapes: a few hundred bytes a sample as Python objects, not the arrays) and reads one sample at a
+time from its memory-mapped shard.
 """
 
 import collections
@@ -63,15 +63,13 @@ class ShardWriter:
         path = _index_path(folder, part)
         self.index = read_json(path) if os.path.exists(path) else {"meta": self.meta, "shards": [], "skipped": {}}
         self.stored = {s["id"] for shard in self.index["shards"] for s in shard["samples"]}
+        self._skipped = {reason: list(ids) for reason, ids in self.index["skipped"].items()}
+        self.done = self.stored | {i for ids in self._skipped.values() for i in ids}  # stored or skipped
         self._buffer, self._bytes, self._samples, self._buffered = {}, 0, [], set()
-        self._skipped = dict(self.index["skipped"])
 
     def add(self, sample_id: str, arrays: dict) -> None:
         """Buffer one sample's arrays (name -> array); a full buffer is written as a shard."""
-        if not isinstance(sample_id, str) or not sample_id or "/" in sample_id:
-            raise ValueError(f"sample ids are non-empty strings without '/', got {sample_id!r}")
-        if sample_id in self.stored or sample_id in self._buffered:
-            raise ValueError(f"sample {sample_id!r} is already in part {self.part} of {self.folder}")
+        self._check_new(sample_id)
         shapes = {}
         for name, value in arrays.items():
             value = np.ascontiguousarray(value)
@@ -83,10 +81,18 @@ class ShardWriter:
         if self._bytes >= self.max_bytes:
             self.flush()
 
-    def skip(self, reason: str) -> None:
-        """Count a sample that could not be stored (unreadable image, missing caption, ...); saved with the next
-        shard or on ``close``."""
-        self._skipped[reason] = self._skipped.get(reason, 0) + 1
+    def skip(self, sample_id: str, reason: str) -> None:
+        """Record a sample that could not be stored (unreadable image, missing caption, ...), saved with the next
+        shard or on ``close``; a resumed writer does not try it again (``done``), so counts stay exact."""
+        self._check_new(sample_id)
+        self._skipped.setdefault(reason, []).append(sample_id)
+        self._buffered.add(sample_id)
+
+    def _check_new(self, sample_id) -> None:
+        if not isinstance(sample_id, str) or not sample_id or "/" in sample_id:
+            raise ValueError(f"sample ids are non-empty strings without '/', got {sample_id!r}")
+        if sample_id in self.done or sample_id in self._buffered:
+            raise ValueError(f"sample {sample_id!r} is already in part {self.part} of {self.folder}")
 
     def flush(self) -> None:
         """Write the buffered samples as the next shard, then the index naming it."""
@@ -96,8 +102,9 @@ class ShardWriter:
                 save_file(self._buffer, tmp)
             self.index["shards"].append({"file": name, "samples": self._samples})
             self.stored.update(s["id"] for s in self._samples)
-        self.index["skipped"] = dict(self._skipped)
+        self.index["skipped"] = {reason: list(ids) for reason, ids in self._skipped.items()}
         write_json(_index_path(self.folder, self.part), self.index)
+        self.done |= self._buffered
         self._buffer, self._bytes, self._samples, self._buffered = {}, 0, [], set()
 
     def close(self) -> None:
@@ -126,8 +133,8 @@ class FeatureStore:
         for path in paths:
             index = read_json(path)
             _check_meta(path, index.get("meta"), self.meta)
-            for reason, n in index.get("skipped", {}).items():
-                self.skipped[reason] = self.skipped.get(reason, 0) + n
+            for reason, ids in index.get("skipped", {}).items():
+                self.skipped[reason] = self.skipped.get(reason, 0) + len(ids)
             for shard in index["shards"]:
                 file = os.path.join(folder, shard["file"])
                 if not os.path.isfile(file):
