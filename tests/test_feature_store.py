@@ -23,6 +23,7 @@ def test_shards_are_bounded_and_read_back_in_id_order(tmp_path):
     with ShardWriter(str(tmp_path), "r0", META, max_shard_bytes=bound) as w:
         for i in (5, 0, 12, 3, 7, 1, 9):
             w.add(str(i), sample(i))
+            w.commit()
         w.skip("2", "unreadable")
     shards = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
     assert len(shards) >= 3 and all(os.path.getsize(tmp_path / f) < 3 * bound for f in shards)
@@ -42,6 +43,7 @@ def test_a_killed_writer_resumes_after_its_last_shard(tmp_path):
     w.skip("bad", "unreadable")  # saved with the first shard
     for i in range(5):
         w.add(str(i), sample(i))
+        w.commit()
     # killed here: no close; samples 0-3 are in two complete shards, 4 only in memory; a temporary is left over
     (tmp_path / ".r0-00002.safetensors.x1y2.safetensors").write_bytes(b"half")
     assert FeatureStore(str(tmp_path)).ids == ["0", "1", "2", "3"]
@@ -51,6 +53,7 @@ def test_a_killed_writer_resumes_after_its_last_shard(tmp_path):
             if str(i) in again.done:
                 continue
             again.add(str(i), sample(i))  # the extraction would retry "bad" and count it twice without done
+            again.commit()
         with pytest.raises(ValueError, match="'2' is already in part r0"):
             again.add("2", sample(2))
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
@@ -64,6 +67,7 @@ def test_parts_written_in_parallel_read_as_one_store(tmp_path):
         with ShardWriter(str(tmp_path), f"r{rank}", META) as w:
             for i in range(rank, 10, 2):
                 w.add(str(i), sample(i))
+            w.commit()
             w.skip(f"x{rank}", "missing caption")
     store = FeatureStore(str(tmp_path))
     assert store.ids == [str(i) for i in range(10)] and store.skipped == {"missing caption": 2}

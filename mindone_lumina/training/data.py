@@ -74,7 +74,7 @@ def load_image(path: str, bucket_list: list):
     return np.ascontiguousarray(arr.transpose(2, 0, 1)) / 127.5 - 1.0
 
 
-def _file_digest(folder: str) -> str:
+def folder_digest(folder: str) -> str:
     h = hashlib.sha256()
     for root, _, files in sorted(os.walk(folder)):
         for name in sorted(files):
@@ -130,8 +130,8 @@ def prepare_data(cfg: TrainConfig, tokenizer, encoder, vae=None, log=print) -> D
     key = hashlib.sha256(
         json.dumps(
             {
-                "encoder": _file_digest(cfg.text_encoder),
-                "vae": None if cfg.vae is None else _file_digest(cfg.vae),
+                "encoder": folder_digest(cfg.text_encoder),
+                "vae": None if cfg.vae is None else folder_digest(cfg.vae),
                 "buckets": bucket_list,
                 "tokens": cfg.max_caption_tokens,
                 "rows": rows,
@@ -145,7 +145,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, encoder, vae=None, log=print) -> D
 
     images, kept, skipped = read_images(cfg.data, rows, bucket_list, log)
     captions = [row["caption"] for row in kept]
-    arrays = {f"latent.{i}": z for i, z in enumerate(_latents(images, vae))}
+    arrays = {f"latent.{i}": z for i, z in enumerate(encode_latents(images, vae))}
     feats, mask = _encode_unique(tokenizer, encoder, captions + [""], cfg.max_caption_tokens)
     arrays.update(cap_feats=feats[:-1], cap_mask=mask[:-1], empty_feats=feats[-1], empty_mask=mask[-1])
     arrays["skipped"] = np.array([skipped.get(UNREADABLE, 0), skipped.get(TOO_SMALL, 0)], np.int64)
@@ -155,7 +155,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, encoder, vae=None, log=print) -> D
     return _dataset_from_arrays(arrays, skipped)
 
 
-def _latents(images: list, vae, chunk: int = 64) -> list:
+def encode_latents(images: list, vae, chunk: int = 64) -> list:
     """Images (3, H, W) -> float32 latents, encoded ``chunk`` images of one bucket shape per VAE call (pixels as they
     are without a VAE)."""
     if vae is None:

@@ -7,6 +7,7 @@ Layout of a store folder:
   file: the store's ``meta`` (what the features were made with), the shards written so far, and per shard its
   samples' ids and array shapes, plus the ids of the samples skipped, per reason.
 * ``{part}-{n:05d}.safetensors``: the arrays of a shard's samples, named ``{id}/{array}``.
+* ``shared-{name}.safetensors``: arrays every sample shares (e.g. the empty caption's features), ``write_shared``.
 
 A shard is written whole under a temporary name and renamed, and only then listed in its index (itself replaced
 atomically), so a killed writer leaves complete shards and an index that names exactly them; reopened with the same
@@ -36,7 +37,8 @@ def _index_path(folder: str, part: str) -> str:
 
 
 class ShardWriter:
-    """Collects samples and writes them as shards of about ``max_shard_bytes`` (a sample is never split).
+    """Collects samples and writes them as shards of about ``max_shard_bytes``: ``commit`` ends a group of samples
+    (e.g. one encoder batch) that a shard never splits, and writes the buffer once it has reached the bound.
 
     Args:
         folder: the store folder (created if absent).
@@ -68,7 +70,7 @@ class ShardWriter:
         self._buffer, self._bytes, self._samples, self._buffered = {}, 0, [], set()
 
     def add(self, sample_id: str, arrays: dict) -> None:
-        """Buffer one sample's arrays (name -> array); a full buffer is written as a shard."""
+        """Buffer one sample's arrays (name -> array)."""
         self._check_new(sample_id)
         shapes = {}
         for name, value in arrays.items():
@@ -78,6 +80,10 @@ class ShardWriter:
             shapes[name] = list(value.shape)
         self._samples.append({"id": sample_id, "shapes": shapes})
         self._buffered.add(sample_id)
+
+    def commit(self) -> None:
+        """End a group of added and skipped samples: a resumed writer finds each group whole or not at all (so a
+        resumed extraction batches as an uninterrupted one). Writes the shard once the buffer reached the bound."""
         if self._bytes >= self.max_bytes:
             self.flush()
 
@@ -156,6 +162,14 @@ class FeatureStore:
         """{array name: shape tuple} of sample ``i``, without reading it."""
         return {k: tuple(v) for k, v in self._rows[i][2].items()}
 
+    def shared(self, name: str) -> dict:
+        """The arrays ``write_shared`` stored as ``name``."""
+        path = os.path.join(self.folder, f"shared-{name}.safetensors")
+        if not os.path.isfile(path):
+            raise ValueError(f"{self.folder} has no shared arrays {name!r} ({os.path.basename(path)})")
+        with safe_open(path, framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
     def __getitem__(self, i: int) -> dict:
         sample_id, file, shapes = self._rows[i]
         if file not in self._open:
@@ -163,6 +177,14 @@ class FeatureStore:
                 self._open.pop(next(iter(self._open)))  # the oldest
             self._open[file] = safe_open(file, framework="numpy")
         return {name: self._open[file].get_tensor(f"{sample_id}/{name}") for name in shapes}
+
+
+def write_shared(folder: str, name: str, arrays: dict) -> None:
+    """Write ``arrays`` (name -> array) as the store's shared ``name`` (atomically; replaces an earlier one)."""
+    if not _PART.match(name):
+        raise ValueError(f"shared array set names are letters, digits or _, got {name!r}")
+    with atomic_path(os.path.join(folder, f"shared-{name}.safetensors")) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
 
 
 def _check_meta(path: str, got, want) -> None:
