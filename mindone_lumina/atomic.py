@@ -8,6 +8,8 @@ import os
 import shutil
 import tempfile
 
+import yaml
+
 
 def refuse_existing(path: str, force: bool = False) -> None:
     """``ValueError`` if ``path`` exists and ``force`` is not set."""
@@ -119,4 +121,18 @@ def read_json(path: str) -> dict:
         raise ValueError(f"cannot read {path}: {e}") from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a JSON {type(obj).__name__}, expected an object")
+    return obj
+
+
+def read_yaml(path: str, what: str) -> dict:
+    """The YAML mapping in ``path`` (an empty file is an empty mapping); ``ValueError`` naming the file and ``what``
+    it should hold (e.g. "recipe") when it is missing, unreadable or not a mapping."""
+    try:
+        with open(path) as f:
+            obj = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read {what} {path}: {e}") from e
+    obj = {} if obj is None else obj
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: a {what} is a mapping of keys to values, got {type(obj).__name__}")
     return obj

@@ -52,7 +52,7 @@ def test_the_original_lumina_config_with_root_and_ratio(tmp_path):
     ("rows.json", '[1]', "entry 0: an entry is a JSON object, got int"),
     ("list.txt", "a.png", "unknown list format"),
     ("c.yaml", "META: [{type: x}]", "META entry 0 needs a string 'path'"),
-    ("d.yaml", "- a", "a mapping with a META list"),
+    ("d.yaml", "- a", "a data config is a mapping of keys to values, got list"),
 ])  # fmt: skip
 def test_bad_sources_name_the_file_and_problem(tmp_path, name, text, message):
     if text is not None:

@@ -5,8 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-import yaml
-
+from ..atomic import read_yaml
 from ..dtypes import SHORT
 
 
@@ -61,13 +60,7 @@ class Recipe:
     @classmethod
     def from_yaml(cls, path: str, **overrides):
         """The recipe in the YAML file ``path``; ``overrides`` that are not None replace its keys."""
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"cannot read recipe {path}: {e}") from e
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a recipe is a mapping of keys to values, got {type(raw).__name__}")
+        raw = read_yaml(path, "recipe")
         raw.update({k: v for k, v in overrides.items() if v is not None})
         fields = dataclasses.fields(cls)
         unknown = sorted(set(raw) - {f.name for f in fields})

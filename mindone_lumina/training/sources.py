@@ -18,7 +18,7 @@ import os
 import random
 from dataclasses import dataclass
 
-import yaml
+from ..atomic import read_yaml
 
 IMAGE_FIELDS = ("image", "path", "image_path")
 CAPTION_FIELDS = ("caption", "prompt", "gpt_4_caption")
@@ -47,12 +47,8 @@ def read_items(sources) -> list:
 
 
 def _read_config(path: str) -> list:
-    try:
-        with open(path) as f:
-            config = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read data config {path}: {e}") from e
-    if not isinstance(config, dict) or not isinstance(config.get("META"), list):
+    config = read_yaml(path, "data config")
+    if not isinstance(config.get("META"), list):
         raise ValueError(f"{path}: a data config is a mapping with a META list of {{path: ..., type: ...}}")
     out = []
     for n, meta in enumerate(config["META"]):
