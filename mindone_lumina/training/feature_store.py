@@ -60,10 +60,11 @@ class ShardWriter:
         for pattern in (f".{part}-*", f".index-{part}.*"):
             for stale in glob.glob(os.path.join(folder, pattern)):
                 os.remove(stale)
-        for other in glob.glob(os.path.join(folder, "index-*.json")):
-            _check_meta(other, read_json(other).get("meta"), self.meta)
-        path = _index_path(folder, part)
-        self.index = read_json(path) if os.path.exists(path) else {"meta": self.meta, "shards": [], "skipped": {}}
+        indexes = {p: read_json(p) for p in glob.glob(os.path.join(folder, "index-*.json"))}
+        for path, index in indexes.items():
+            _check_meta(path, index.get("meta"), self.meta)
+        fresh = {"meta": self.meta, "shards": [], "skipped": {}}
+        self.index = indexes.get(_index_path(folder, part), fresh)
         self.stored = {s["id"] for shard in self.index["shards"] for s in shard["samples"]}
         self._skipped = {reason: list(ids) for reason, ids in self.index["skipped"].items()}
         self.done = self.stored | {i for ids in self._skipped.values() for i in ids}  # stored or skipped
@@ -135,9 +136,9 @@ class FeatureStore:
         if not paths:
             raise ValueError(f"{folder} is not a feature store: it has no index-*.json")
         self.folder, self.skipped, rows = folder, {}, []
-        self.meta = read_json(paths[0]).get("meta")
-        for path in paths:
-            index = read_json(path)
+        indexes = [read_json(path) for path in paths]
+        self.meta = indexes[0].get("meta")
+        for path, index in zip(paths, indexes):
             _check_meta(path, index.get("meta"), self.meta)
             for reason, ids in index.get("skipped", {}).items():
                 self.skipped[reason] = self.skipped.get(reason, 0) + len(ids)
