@@ -2,6 +2,7 @@
 skipped and counted by reason, a killed extraction resumes to the store an uninterrupted one writes, ranks split the
 items, and a store made with other settings is refused. Tiny Gemma, pixel space (no VAE), CPU."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -108,6 +109,12 @@ def test_ranks_split_the_items_and_settings_are_checked(setup, tmp_path):
     assert len(store) == 9 and store.skipped == {UNREADABLE: 1, TOO_SMALL: 1, NO_CAPTION: 1, NO_IMAGE: 1}
     with pytest.raises(ValueError, match=r"other settings: \['max_caption_tokens'\] differ"):
         run(setup, tmp_path / "store", tokens=16)
+    data, encoder, model, tokenizer = setup
+    items = read_items(data)
+    items[5] = dataclasses.replace(items[5], caption="another caption")  # one entry edited
+    meta = store_meta(items, encoder, None, BUCKETS, 32)
+    with pytest.raises(ValueError, match=r"other settings: \['item_digest'\] differ"):
+        extract(items, str(tmp_path / "store"), meta, tokenizer, model, None, BUCKETS, 32, log=lambda m: None)
 
 
 def test_extract_features_cli(setup, tmp_path, capsys):

@@ -6,6 +6,9 @@ the smallest bucket is recorded as skipped, by reason, in the store. A run that 
 last complete shard ended (rerun the same command).
 """
 
+import hashlib
+import json
+
 import numpy as np
 
 import mindspore as ms
@@ -26,7 +29,8 @@ def store_meta(items: list, text_encoder: str, vae: str | None, bucket_list: lis
         "buckets": [list(b) for b in bucket_list],
         "max_caption_tokens": max_tokens,
         "items": len(items),
-        "last_item": [items[-1].image, items[-1].caption] if items else None,  # a changed list shows here too
+        # ids are positions in the list: a changed entry anywhere would resume onto other samples' ids
+        "item_digest": hashlib.sha256(json.dumps([[i.image, i.caption] for i in items]).encode()).hexdigest()[:16],
     }
 
 
