@@ -105,10 +105,11 @@ def staged_folder(folder: str, replace: bool = False):
                 shutil.rmtree(leftover)
 
 
-def write_json(path: str, obj, force: bool = True) -> None:
+def write_json(path: str, obj, force: bool = True, indent: int | None = 2) -> None:
+    """``obj`` as JSON (sorted keys; ``indent`` None: one line, for machine-read files such as a store index)."""
     refuse_existing(path, force)
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(obj, f, indent=indent, sort_keys=True)
         f.write("\n")
 
 

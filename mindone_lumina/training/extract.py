@@ -6,8 +6,7 @@ the smallest bucket is recorded as skipped, by reason, in the store. A run that 
 last complete shard ended (rerun the same command).
 """
 
-import hashlib
-import json
+import os
 
 import numpy as np
 
@@ -16,6 +15,7 @@ import mindspore as ms
 from ..text import gemma
 from .data import TOO_SMALL, UNREADABLE, encode_latents, folder_digest, load_image
 from .feature_store import ShardWriter, write_shared
+from .sources import items_digest
 
 NO_IMAGE, NO_CAPTION = "no image path", "missing caption"  # skip reasons besides data.UNREADABLE, data.TOO_SMALL
 REASONS = (NO_IMAGE, NO_CAPTION, UNREADABLE, TOO_SMALL)
@@ -29,8 +29,7 @@ def store_meta(items: list, text_encoder: str, vae: str | None, bucket_list: lis
         "buckets": [list(b) for b in bucket_list],
         "max_caption_tokens": max_tokens,
         "items": len(items),
-        # ids are positions in the list: a changed entry anywhere would resume onto other samples' ids
-        "item_digest": hashlib.sha256(json.dumps([[i.image, i.caption] for i in items]).encode()).hexdigest()[:16],
+        "item_digest": items_digest(items),
     }
 
 
@@ -49,10 +48,11 @@ def extract(items, folder: str, meta: dict, tokenizer, encoder, vae, bucket_list
         if done:
             log(f"rank {rank}: resuming, {done} of {len(mine)} items done before")
         # fixed batches of this rank's items, each committed whole: a resumed run encodes exactly the batches (and
-        # so the padded shapes) an uninterrupted one does
+        # so the padded shapes) an uninterrupted one does; items another part holds (a store extracted with another
+        # number of ranks) are not stored twice
         for start in range(0, len(mine), batch):
-            chunk = mine[start : start + batch]
-            if chunk[0].id in writer.done:
+            chunk = [item for item in mine[start : start + batch] if item.id not in writer.done]
+            if not chunk:
                 continue
             good, images = [], []
             for item in chunk:
@@ -73,6 +73,15 @@ def extract(items, folder: str, meta: dict, tokenizer, encoder, vae, bucket_list
     skipped = {reason: len(ids) for reason, ids in writer.index["skipped"].items()}
     log(f"rank {rank}: stored {len(writer.stored)} samples in {folder}, skipped {skipped or 'none'}")
     return skipped
+
+
+def pending(folder: str, meta: dict, items: list, rank: int = 0, world: int = 1) -> int:
+    """How many of ``items[rank::world]`` the store in ``folder`` has neither stored nor skipped (all when it does
+    not exist); a store made with other settings is refused."""
+    if not os.path.isdir(folder):
+        return len(items[rank::world])
+    done = ShardWriter.done_ids(folder, meta)
+    return sum(item.id not in done for item in items[rank::world])
 
 
 def _caption_features(tokenizer, encoder, captions: list, max_tokens: int):

@@ -13,6 +13,7 @@ None), so that the extraction skips and counts it; a file that cannot be read or
 Ids are the entries' running numbers over all sources in the order given, as strings.
 """
 
+import hashlib
 import json
 import os
 import random
@@ -44,6 +45,11 @@ def read_items(sources) -> list:
         else:
             entries += _read_list(source, None)
     return [_item(str(n), row, folder) for n, (row, folder) in enumerate(entries)]
+
+
+def items_digest(items: list) -> str:
+    """A digest of every item's image and caption (ids are list positions, so an edit anywhere changes them)."""
+    return hashlib.sha256(json.dumps([[i.image, i.caption] for i in items]).encode()).hexdigest()[:16]
 
 
 def _read_config(path: str) -> list:
