@@ -170,11 +170,11 @@ BAD = [
     ("parity_report", ["--model", "{tmp}/none"], "--model {tmp}/none does not exist"),
     ("train", ["--config", "{recipe}", "--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
     ("train", ["--config", "{tmp}/none.yaml"], "cannot read recipe {tmp}/none.yaml"),
-    ("train", ["--config", "{recipe}", "--data", "{tmp}"], "{tmp} has no captions.jsonl"),
+    ("train", ["--config", "{recipe}", "--data", "{tmp}"], "{tmp}/captions.jsonl does not exist"),
     ("train", ["--config", "{recipe}", "--init", "{tmp}/none"], "init (--init) {tmp}/none does not exist"),
     ("train", ["--config", "{recipe}", "--export", "{nonempty}"], "--export {nonempty} is a folder that is not empty"),
     ("train", ["--config", "{recipe}", "--output", "{file}"], "output (--output) {file} is an existing file"),
-    ("train_vae", ["--config", "{vae_recipe}", "--data", "{tmp}/none"], "{tmp}/none has no captions.jsonl"),
+    ("train_vae", ["--config", "{vae_recipe}", "--data", "{tmp}/none"], "{tmp}/none does not exist"),
 ]
 # fmt: on
 
@@ -355,11 +355,12 @@ def test_sigterm_keeps_finished_images_and_removes_the_partial_one(tmp_path):
 
 def test_training_on_bad_data_leaves_no_cache_folder(tools, files, tmp_path, capsys):
     """Unreadable images fail the run after the text encoder and VAE are loaded (reading them is what shows they
-    are bad): one line, and no run folder or empty cache/ left behind."""
+    are bad): one line with the counts, and no run folder or empty cache/ left behind."""
     data = tmp_path / "data"
     (data / "0.png").write_bytes(b"not a png")
     code, _, err = run(tools["train"], ["--config", files["recipe"]], capsys)
-    assert_one_line_error(code, err, "train", f"{data}: none of the 1 images could be read")
+    message = f"none of the 1 items of {data} can be trained on (skipped: {{'unreadable': 1}})"
+    assert_one_line_error(code, err, "train", message)
     assert not (tmp_path / "run").exists()
 
 

@@ -64,8 +64,12 @@ def test_tiny_model_overfits_and_skips_broken_and_small_images(tmp_path, data_an
     losses = np.array([loss for _, loss, _ in trainer.history])
     # falls at least 10x: measured 1.24 -> 0.076 (16x); at 300 steps the ratio ranged 9.3-20x over initialisations
     assert losses[-50:].mean() <= losses[:10].mean() / 10
-    assert any("skipped images: {'unreadable': 1, 'smaller than the smallest bucket': 1}" in line for line in logs)
+    skipped = {"unreadable": 1, "smaller than the smallest bucket": 1}
+    assert any(line == f"skipped data: {skipped}" for line in logs)
     assert training.latest_checkpoint(cfg.output).endswith("step_0000400")
+    with open(os.path.join(training.latest_checkpoint(cfg.output), "state.json")) as f:
+        state = json.load(f)
+    assert state["skipped_data"] == skipped and state["unreadable_in_training"] == 0  # the counts in the checkpoint
 
 
 def test_resume_equals_straight_run(tmp_path, data_and_encoder):
@@ -78,6 +82,22 @@ def test_resume_equals_straight_run(tmp_path, data_and_encoder):
         assert np.array_equal(a.asnumpy(), b.asnumpy()), a.name  # bit-exact
     for a, b in zip(straight.ema, resumed.ema):
         assert np.array_equal(a.asnumpy(), b.asnumpy()), a.name
+
+
+def test_online_features_give_the_cached_first_step_loss(tmp_path, data_and_encoder):
+    """features: online (VAE-less here: pixels; Gemma per batch, padded to max_caption_tokens) and cached (the store,
+    padded to the longest caption) feed the same batch, caption dropout included: the same first-step loss."""
+    runs = {}
+    for mode in ("cached", "online"):
+        path = recipe(tmp_path / mode, data_and_encoder, steps=2, caption_dropout=0.5, features=mode,
+                      max_caption_tokens=32)  # fmt: skip
+        logs = []
+        runs[mode] = training.train(training.TrainConfig.from_yaml(path), log=logs.append)
+        skipped = "skipped data: {'unreadable': 1, 'smaller than the smallest bucket': 1}"
+        assert skipped in logs, logs  # the online scan counts what the extraction counts
+    assert runs["online"].seen == runs["cached"].seen
+    online, cached = ([loss for _, loss, _ in runs[m].history] for m in ("online", "cached"))
+    np.testing.assert_allclose(online[0], cached[0], rtol=1e-5)
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, data_and_encoder):
@@ -133,29 +153,31 @@ def test_saving_a_step_again_never_breaks_latest(tmp_path, data_and_encoder):
     assert training.load_checkpoint(again, trainer)["step"] == 2
 
 
-def test_feature_cache_reused_and_invalidated(tmp_path, data_and_encoder):
-    """The cache as ``train`` uses it (prepare_data; no training steps needed to see what it reuses)."""
-    from mindone_lumina import components
+def test_feature_store_in_the_run_folder_reused_and_invalidated(tmp_path, data_and_encoder):
+    """The store ``train`` extracts when the recipe names none (open_samples; no training steps needed)."""
 
     def prepare(cfg):
         log = []
-        encoder = components.load_text_encoder(cfg.text_encoder)
-        tokenizer = components.load_tokenizer(cfg.text_encoder, encoder.cfg)
-        training.prepare_data(cfg, tokenizer, encoder, None, log.append)
-        return log
+        samples = training.open_samples(cfg, log=log.append)
+        return log, samples
 
     path = recipe(tmp_path, data_and_encoder, steps=1)
-    assert any(line.startswith("cached 2 samples") for line in prepare(training.TrainConfig.from_yaml(path)))
-    again = prepare(training.TrainConfig.from_yaml(path, steps=2))  # a recipe change that does not touch the data
-    assert any(line.startswith("reusing cached") for line in again)
+    log, samples = prepare(training.TrainConfig.from_yaml(path))
+    assert any(line.startswith("rank 0: stored 2 samples") for line in log) and samples.size == 2
+    again, _ = prepare(training.TrainConfig.from_yaml(path, steps=2))  # a recipe change that does not touch the data
+    assert any(line.startswith("reusing the feature store") for line in again)
     small = recipe(tmp_path, data_and_encoder, steps=3, resolution=8, bucket_multiple=8)
-    assert any(line.startswith("cached 2 samples") for line in prepare(training.TrainConfig.from_yaml(small)))
+    assert any(
+        line.startswith("rank 0: stored 2 samples") for line in prepare(training.TrainConfig.from_yaml(small))[0]
+    )
     other = str(tmp_path / "other_encoder")  # same architecture and tokenizer, other weights
     data, _ = data_and_encoder
     args = ["--captions", os.path.join(data, "captions.jsonl"), "--out", other, "--hidden", "32", "--layers", "2"]
     load_tool("make_text_encoder").main(args + ["--heads", "2", "--vocab", "300", "--seed", "1"])
-    changed = prepare(training.TrainConfig.from_yaml(path, text_encoder=other))
-    assert any(line.startswith("cached 2 samples") for line in changed)  # a changed text encoder is recomputed
+    changed, _ = prepare(training.TrainConfig.from_yaml(path, text_encoder=other))
+    assert any(line.startswith("rank 0: stored 2 samples") for line in changed)  # a changed text encoder: new store
+    stores = os.listdir(os.path.join(str(tmp_path / "run"), "cache"))
+    assert len([name for name in stores if name.startswith("store-")]) == 3
 
 
 def test_bad_recipes_and_folders_are_named(tmp_path, data_and_encoder):
@@ -163,8 +185,10 @@ def test_bad_recipes_and_folders_are_named(tmp_path, data_and_encoder):
     bad.write_text(yaml.safe_dump({"data": "d", "output": "o", "learning_rate": 1.0}))
     with pytest.raises(ValueError, match=r"unknown recipe key\(s\) \['learning_rate'\]"):
         training.TrainConfig.from_yaml(str(bad))
-    with pytest.raises(ValueError, match="has no captions.jsonl"):
-        training.read_captions(str(tmp_path))
+    with pytest.raises(ValueError, match="captions.jsonl does not exist"):
+        training.loop.check_run(
+            training.TrainConfig.from_yaml(recipe(tmp_path, data_and_encoder), data=str(tmp_path)), None
+        )
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the run folder should be")
     cfg = training.TrainConfig.from_yaml(recipe(tmp_path, data_and_encoder), output=str(blocked))
@@ -263,8 +287,10 @@ def test_lr_schedule():
 
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_msrun_data_parallel_matches_single_process(tmp_path, data_and_encoder, zero_stage):
-    """2 CPU workers (mccl) with 1 sample each == one process with the global batch of 2. With ZeRO stage 1 each
-    rank holds half of AdamW's moments, and the run stops and resumes half-way (sharded state through a checkpoint)."""
+    """2 CPU workers (mccl) with 1 sample each, stopped half-way and resumed == one process with the global batch of 2
+    run straight: the same samples in the same order (each epoch: every sample once, on one rank), the same losses
+    and weights. The ranks extract the feature store together (one part each). With ZeRO stage 1 each rank holds half
+    of AdamW's moments (sharded state through the checkpoint)."""
     import socket
     import subprocess
     import sys
@@ -279,13 +305,20 @@ def test_msrun_data_parallel_matches_single_process(tmp_path, data_and_encoder, 
     worker = os.path.join(os.path.dirname(__file__), "dp_worker.py")
     cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1", f"--master_port={port}",
            "--join=True", "--cluster_time_out=240", f"--log_dir={tmp_path / 'logs'}"]  # fmt: skip
-    cmd += [worker, path, str(tmp_path)] + (["--split"] if zero_stage else [])
+    cmd += [worker, path, str(tmp_path), "--split"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in (0, 1)]
-    assert not set(ranks[0].pop("seen")) & set(ranks[1].pop("seen"))  # disjoint shards
+    assert sorted(os.listdir(tmp_path / "run" / "cache" / os.listdir(tmp_path / "run" / "cache")[0]))[:2] == [
+        "index-r0.json", "index-r1.json"]  # fmt: skip
+    seen = np.stack([r.pop("seen") for r in ranks], axis=1)  # (steps, rank): one sample per rank and step
+    losses = np.stack([r.pop("losses") for r in ranks], axis=1)
+    assert seen.shape == (4, 2) and all(sorted(step) == [0, 1] for step in seen)  # each epoch: both samples, once
     rows = [r.pop("moment_rows") for r in ranks]
     single = training.train(training.TrainConfig.from_yaml(path, output=str(tmp_path / "single"), batch_size=2))
+    assert np.array_equal(np.array(single.seen).reshape(4, 2), seen)  # the global batch, split by rank
+    single_losses = np.array([loss for _, loss, _ in single.history])
+    np.testing.assert_allclose(losses.mean(axis=1), single_losses, rtol=1e-5)  # per-sample mean, then batch mean
     whole = np.array([m.shape[0] for m in single.optimizer.moments1])
     if zero_stage:
         assert (rows[0] < whole).sum() >= len(whole) // 2  # most moments sharded (dim 0 divisible by 2)

@@ -1,21 +1,14 @@
-"""Training data: aspect-ratio buckets, images and captions read from a ``captions.jsonl`` folder, cached latents
-and caption features, and the host-side batches. Everything random (shuffling, caption dropout, t, noise) is drawn
-from ``(seed, step, rank)``, so a resumed run sees exactly what an uninterrupted one does."""
+"""Training data: aspect-ratio buckets, images at their bucket, VAE latents, and what each batch draws. Everything
+random (the samples of a batch, caption dropout, t, noise) is drawn from ``(seed, step, rank)``, so a resumed run
+sees exactly what an uninterrupted one does."""
 
 import hashlib
-import json
 import math
 import os
-from dataclasses import dataclass, field
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
-import mindspore as ms
-
-from ..atomic import atomic_path, check_creatable
 from ..models import vae as vae_lib
-from ..text import gemma
 from .recipe import Recipe, TrainConfig
 
 
@@ -29,27 +22,6 @@ def buckets(resolution: int, aspect_ratios, multiple: int) -> list:
     return sorted(set(out))
 
 
-def read_captions(folder: str) -> list:
-    path = os.path.join(folder, "captions.jsonl")
-    if not os.path.isfile(path):
-        raise ValueError(f"{folder} has no captions.jsonl (one {{'image': ..., 'caption': ...}} per line)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: not JSON ({e})") from e
-            if not isinstance(row.get("image"), str) or not isinstance(row.get("caption"), str):
-                raise ValueError(f"{path} line {n}: needs string fields 'image' and 'caption'")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} lists no images")
-    return rows
-
-
 UNREADABLE, TOO_SMALL = "unreadable", "smaller than the smallest bucket"  # why an image is skipped
 
 
@@ -61,17 +33,41 @@ def load_image(path: str, bucket_list: list):
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
-    except (OSError, UnidentifiedImageError):
+    except (OSError, UnidentifiedImageError, ValueError):
         return UNREADABLE
     w, h = im.size
-    if h * w < min(bh * bw for bh, bw in bucket_list):
-        return TOO_SMALL
-    bh, bw = min(bucket_list, key=lambda b: abs(math.log((w / h) / (b[1] / b[0]))))
+    bucket = nearest_bucket(w, h, bucket_list)
+    if isinstance(bucket, str):
+        return bucket
+    bh, bw = bucket_list[bucket]
     scale = max(bh / h, bw / w)
     im = im.resize((max(bw, round(w * scale)), max(bh, round(h * scale))), Image.BICUBIC)
     left, top = (im.width - bw) // 2, (im.height - bh) // 2
     arr = np.asarray(im.crop((left, top, left + bw, top + bh)), np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1)) / 127.5 - 1.0
+
+
+def nearest_bucket(width: int, height: int, bucket_list: list):
+    """Index of the bucket nearest in aspect ratio to a ``width`` x ``height`` image, or ``TOO_SMALL`` when it has
+    fewer pixels than the smallest bucket."""
+    if width * height < min(bh * bw for bh, bw in bucket_list):
+        return TOO_SMALL
+    return min(
+        range(len(bucket_list)), key=lambda n: abs(math.log((width / height) / (bucket_list[n][1] / bucket_list[n][0])))
+    )
+
+
+def image_bucket(path: str, bucket_list: list):
+    """``nearest_bucket`` of the image at ``path`` from its header alone (the pixels are not decoded), or
+    ``UNREADABLE``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except (OSError, UnidentifiedImageError, ValueError):
+        return UNREADABLE
+    return nearest_bucket(width, height, bucket_list)
 
 
 def folder_digest(folder: str) -> str:
@@ -84,75 +80,22 @@ def folder_digest(folder: str) -> str:
     return h.hexdigest()[:16]
 
 
-@dataclass
-class Dataset:
-    """Cached training samples: ``latents[i]`` (C, h, w) grouped by bucket, caption features per sample."""
-
-    latents: list  # float32 arrays
-    cap_feats: np.ndarray  # (N, Lc, D) float32, padded to one length
-    cap_mask: np.ndarray  # (N, Lc) int32
-    empty_feats: np.ndarray  # (Lc, D) features of "" (caption dropout)
-    empty_mask: np.ndarray  # (Lc,)
-    skipped: dict = field(default_factory=dict)  # reason -> count
-
-    def __post_init__(self):
-        self.groups = bucket_groups([z.shape for z in self.latents])  # once: batch_indices runs every step
-
-
-def read_images(data: str, rows: list, bucket_list: list, log=print) -> tuple:
-    """The readable images of ``rows`` (captions.jsonl entries) at their nearest bucket: (images, their rows, counts
-    of skipped ones by reason). None readable raises ``ValueError``."""
+def read_images(items: list, bucket_list: list, log=print) -> tuple:
+    """The readable images of ``items`` (``sources.Item``) at their nearest bucket: (images, their items, counts of
+    skipped ones by reason). None readable raises ``ValueError``."""
     images, kept, skipped = [], [], {}
-    for row in rows:
-        img = load_image(os.path.join(data, row["image"]), bucket_list)
+    for item in items:
+        img = UNREADABLE if item.image is None else load_image(item.image, bucket_list)
         if isinstance(img, str):
             skipped[img] = skipped.get(img, 0) + 1
             continue
         images.append(img)
-        kept.append(row)
+        kept.append(item)
     if not images:
-        raise ValueError(f"{data}: none of the {len(rows)} images could be read at buckets {bucket_list}")
+        raise ValueError(f"none of the {len(items)} images could be read at buckets {bucket_list}")
     if skipped:
         log(f"skipped images: {skipped}")
     return images, kept, skipped
-
-
-def prepare_data(cfg: TrainConfig, tokenizer, encoder, vae=None, log=print) -> Dataset:
-    """Read images and captions once and cache their latents and Gemma features under ``output/cache``.
-
-    The cache key holds the encoder and VAE weights, the buckets and each caption/image, so a changed model or
-    resolution is recomputed rather than silently reused.
-    """
-    cache_dir = os.path.join(cfg.output, "cache")
-    check_creatable(cache_dir)  # made only to write the cache: bad data below leaves no empty folder behind
-    bucket_list = buckets(cfg.resolution, cfg.aspect_ratios, cfg.bucket_multiple)
-    rows = read_captions(cfg.data)
-    key = hashlib.sha256(
-        json.dumps(
-            {
-                "encoder": folder_digest(cfg.text_encoder),
-                "vae": None if cfg.vae is None else folder_digest(cfg.vae),
-                "buckets": bucket_list,
-                "tokens": cfg.max_caption_tokens,
-                "rows": rows,
-            }
-        ).encode()
-    ).hexdigest()[:20]
-    path = os.path.join(cache_dir, f"features-{key}.safetensors")
-    if os.path.isfile(path):
-        log(f"reusing cached latents and caption features {path}")
-        return _dataset_from_arrays(load_file(path))
-
-    images, kept, skipped = read_images(cfg.data, rows, bucket_list, log)
-    captions = [row["caption"] for row in kept]
-    arrays = {f"latent.{i}": z for i, z in enumerate(encode_latents(images, vae))}
-    feats, mask = _encode_unique(tokenizer, encoder, captions + [""], cfg.max_caption_tokens)
-    arrays.update(cap_feats=feats[:-1], cap_mask=mask[:-1], empty_feats=feats[-1], empty_mask=mask[-1])
-    arrays["skipped"] = np.array([skipped.get(UNREADABLE, 0), skipped.get(TOO_SMALL, 0)], np.int64)
-    with atomic_path(path) as tmp:  # ranks sharing the folder each write their own temporary
-        save_file(arrays, tmp)
-    log(f"cached {len(images)} samples in {path}")
-    return _dataset_from_arrays(arrays, skipped)
 
 
 def encode_latents(images: list, vae, chunk: int = 64) -> list:
@@ -171,46 +114,16 @@ def encode_latents(images: list, vae, chunk: int = 64) -> list:
     return out
 
 
-def _encode_unique(tokenizer, encoder, captions: list, max_tokens: int):
-    """Gemma features of each distinct caption once, padded to one length (a multiple of 8) for one graph shape."""
-    unique = sorted(set(captions))
-    feats, masks = {}, {}
-    for start in range(0, len(unique), 64):
-        chunk = unique[start : start + 64]
-        f, m = gemma.encode_prompts(tokenizer, encoder, chunk, negative_prompt=None, max_length=max_tokens)
-        for text, fi, mi in zip(chunk, f.astype(ms.float32).asnumpy(), m.asnumpy()):
-            feats[text], masks[text] = fi, mi
-    length = max(int(m.sum()) for m in masks.values())
-    length = min(max_tokens, (length + 7) // 8 * 8)
-    out_f = np.zeros((len(captions), length, encoder.cfg.hidden_size), np.float32)
-    out_m = np.zeros((len(captions), length), np.int32)
-    for i, text in enumerate(captions):
-        n = min(length, feats[text].shape[0])
-        out_f[i, :n], out_m[i, :n] = feats[text][:n], masks[text][:n]
-    return out_f, out_m
-
-
-def _dataset_from_arrays(arrays: dict, skipped=None) -> Dataset:
-    n = sum(1 for k in arrays if k.startswith("latent."))
-    return Dataset(
-        [arrays[f"latent.{i}"] for i in range(n)],
-        arrays["cap_feats"],
-        arrays["cap_mask"],
-        arrays["empty_feats"],
-        arrays["empty_mask"],
-        skipped or {k: int(n) for k, n in zip((UNREADABLE, TOO_SMALL), arrays["skipped"]) if n},
-    )
-
-
 def bucket_groups(shapes: list) -> list:
     """Sample indices per distinct shape in ``shapes`` (one array per bucket, in sorted shape order)."""
     return [np.array([i for i, s in enumerate(shapes) if s == u]) for u in sorted(set(shapes))]
 
 
-def batch_indices(ds, cfg: Recipe, step: int, rank: int = 0, world: int = 1) -> np.ndarray:
+def batch_indices(groups: list, cfg: Recipe, step: int, rank: int = 0, world: int = 1) -> np.ndarray:
     """The sample indices of global ``step`` for ``rank``: a per-epoch permutation from (seed, epoch) within each
-    bucket (``ds.groups``, from ``bucket_groups``), the global batch split into ``world`` disjoint shards."""
-    groups = ds.groups
+    bucket (``groups``: index arrays, e.g. from ``bucket_groups``), the global batch split into ``world`` disjoint
+    shards. Each epoch is every bucket's whole global batches, so a sample is seen by one rank once per epoch (a
+    bucket's remainder, a different one each epoch, waits for the next)."""
     global_batch = cfg.batch_size * world
     per_epoch = [len(g) // global_batch for g in groups]
     if sum(per_epoch) == 0:
@@ -225,26 +138,20 @@ def batch_indices(ds, cfg: Recipe, step: int, rank: int = 0, world: int = 1) -> 
     return chunk[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
 
 
-def make_batch(ds: Dataset, cfg: TrainConfig, step: int, rank: int = 0, world: int = 1):
-    """Host-side batch for ``step``: x1, noise x0, t, caption features (with dropout) and mask.
+def draws(cfg: TrainConfig, index: int, shape: tuple, rank: int = 0, world: int = 1) -> tuple:
+    """Noise x0 (B, *shape), t (B,) and caption-dropout flags (B,) of micro-batch ``index`` for ``rank``.
 
-    Noise, t and dropout are drawn for the whole global batch from (seed, step) and then sliced by rank, so the
-    ranks of a data-parallel run together see exactly what one process with the global batch sees.
+    Drawn for the whole global batch from (seed, index) and then sliced by rank, so the ranks of a data-parallel run
+    together see exactly what one process with the global batch sees.
     """
-    idx = batch_indices(ds, cfg, step, rank, world)
-    rng = np.random.default_rng([cfg.seed, step, 1])
-    shape = ds.latents[idx[0]].shape
+    rng = np.random.default_rng([cfg.seed, index, 1])
     n = cfg.batch_size * world
     x0 = rng.standard_normal((n, *shape)).astype(np.float32)
     u = rng.standard_normal(n) if cfg.t_sampling == "logit_normal" else rng.uniform(0.0, 1.0, n)
     t = 1.0 / (1.0 + np.exp(-u)) if cfg.t_sampling == "logit_normal" else u
     drop = rng.uniform(0.0, 1.0, n) < cfg.caption_dropout
     mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
-    x0, t, drop = x0[mine], t[mine], drop[mine]
-    x1 = np.stack([ds.latents[i] for i in idx])
-    feats, mask = ds.cap_feats[idx].copy(), ds.cap_mask[idx].copy()
-    feats[drop], mask[drop] = ds.empty_feats, ds.empty_mask
-    return x1, x0, t.astype(np.float32), feats, mask, idx
+    return x0[mine], t[mine].astype(np.float32), drop[mine]
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from mindspore import Tensor
 
 from .. import cli
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import read_captions
 from .recipe import Recipe, lr_at
+from .sources import read_items
 from .step import Trainer
 
 
@@ -36,11 +36,14 @@ def data_parallel_world() -> tuple:
     return get_rank(), get_group_size()
 
 
-def fit(cfg: Recipe, trainer: Trainer, batch_at, what: str, rank=0, world=1, log=print, stop_after=None, progress=True):
+def fit(cfg: Recipe, trainer: Trainer, batches, what: str, rank=0, world=1, log=print, stop_after=None, progress=True,
+        data_state=dict):  # fmt: skip
     """The loop every recipe shares: resume from ``output/checkpoints/latest``, run the steps, log, save.
 
-    ``batch_at(index)`` gives micro-batch ``index`` (``step * grad_accum + micro``) of this rank as (Tensors for
-    ``trainer.step``, sample indices). Returns the trainer with ``history`` (step, loss, lr) and ``seen`` (indices).
+    ``batches(first, last)`` yields micro-batches ``first .. last - 1`` (index ``step * grad_accum + micro``) of this
+    rank in order as (Tensors for ``trainer.step``, sample indices). ``data_state()``: what the data reports for the
+    checkpoint's state.json (e.g. skipped samples by reason). Returns the trainer with ``history`` (step, loss, lr)
+    and ``seen`` (indices).
     """
     start = 0
     resume = latest_checkpoint(cfg.output)
@@ -57,11 +60,12 @@ def fit(cfg: Recipe, trainer: Trainer, batch_at, what: str, rank=0, world=1, log
     t_log = time.perf_counter()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = _progress_bar(start, end, enabled=progress and rank == 0)
+    stream = iter(batches(start * cfg.grad_accum, end * cfg.grad_accum))
     for step in range(start, end):
         lr = Tensor(lr_at(cfg, step), ms.float32)
         losses = []
         for micro in range(cfg.grad_accum):
-            batch, idx = batch_at(step * cfg.grad_accum + micro)
+            batch, idx = next(stream)
             seen.extend(int(i) for i in idx)
             if micro + 1 < cfg.grad_accum:
                 losses.append(float(trainer.accumulate(*batch).asnumpy()))
@@ -84,7 +88,8 @@ def fit(cfg: Recipe, trainer: Trainer, batch_at, what: str, rank=0, world=1, log
             # under ZeRO gathering the optimizer state is a collective: every rank takes part, rank 0 writes
             opt = trainer.optimizer_state() if rank == 0 or trainer.zero is not None else None
             if rank == 0:
-                state = {"history": history[-cfg.save_every :], "skipped_steps": int(trainer.skipped.asnumpy())}
+                state = {"history": history[-cfg.save_every :], "skipped_steps": int(trainer.skipped.asnumpy()),
+                         **data_state()}  # fmt: skip
                 if trainer.scaled:
                     state["loss_scale"] = float(trainer.scaler.scale_value.asnumpy())
                     state["loss_scale_counter"] = int(trainer.scaler.counter.asnumpy())
@@ -103,7 +108,12 @@ def tool_parser(description: str, recipe_cls) -> cli.Parser:
     p = cli.Parser(description=description)
     p.add_argument("--config", required=True, help=f"YAML recipe (the fields of {recipe_cls.__name__})")
     p.add_argument("--output", default=None, help="run folder (default: the recipe's output)")
-    p.add_argument("--data", default=None, help="data folder with captions.jsonl (default: the recipe's data)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="data: a folder with captions.jsonl, a .json/.jsonl list or a Lumina .yaml data config "
+        "(default: the recipe's data)",
+    )
     p.add_argument("--steps", type=cli.integer(1), default=None, help="optimizer steps (default: the recipe's steps)")
     if "init" in {f.name for f in dataclasses.fields(recipe_cls)}:
         p.add_argument("--init", default=None, help="fine-tune from this checkpoint, any format tools/convert.py "
@@ -115,9 +125,10 @@ def tool_parser(description: str, recipe_cls) -> cli.Parser:
 
 
 def check_run(cfg: Recipe, export: str | None) -> None:
-    """What a run needs, checked before any model is loaded or folder made: readable captions, an existing
+    """What a run needs, checked before any model is loaded or folder made: a readable data list, an existing
     ``init``, a writable run folder, an export folder that the end of the run can fill."""
-    read_captions(cfg.data)
+    if not read_items(cfg.data):
+        raise ValueError(f"data {cfg.data} lists no images")
     if cfg.init is not None:
         cli.existing(cfg.init, "init (--init)")
     cli.output_folder(cfg.output, "output (--output)")

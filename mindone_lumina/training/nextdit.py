@@ -1,9 +1,15 @@
 """Next-DiT flow-matching training: the model from a recipe, the run, and the export as a pipeline folder."""
 
+import hashlib
+import json
+import os
+import shutil
+
 import mindspore as ms
 from mindspore import Tensor
 
 from .. import components
+from ..atomic import check_creatable
 from ..io import diffusers_io
 from ..models import nextdit
 from ..models.layers import parameter_count
@@ -11,9 +17,13 @@ from ..text.tokenizers import words
 from ..weights.load import load_specs, param_shapes
 from ..weights.rules import convert_tensors
 from ..weights.tensors import ArrayCheckpoint
-from .data import make_batch, prepare_data, read_captions
+from . import loader
+from .data import buckets
+from .extract import extract, pending, store_meta
+from .feature_store import FeatureStore
 from .loop import fit
 from .recipe import TrainConfig
+from .sources import read_items
 from .step import FlowMatchingLoss, Trainer
 
 
@@ -30,27 +40,81 @@ def build_model(cfg: TrainConfig, cap_dim: int) -> nextdit.NextDiT:
     return model
 
 
+def open_samples(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print):
+    """The training samples of ``cfg``: ``OnlineSamples`` (features: online), or ``CachedSamples`` of the recipe's
+    feature store, or else of one extracted into ``output/cache`` (each msrun rank its slice; reused and resumed)."""
+    items = read_items(cfg.data)
+    bucket_list = buckets(cfg.resolution, cfg.aspect_ratios, cfg.bucket_multiple)
+    cache = os.path.join(cfg.output, "cache")
+    check_creatable(cache)  # before any model loads: a run folder that cannot be written is named at once
+    fresh = not os.path.exists(cfg.output)
+
+    def models():
+        encoder = components.load_text_encoder(cfg.text_encoder)
+        tokenizer = components.load_tokenizer(cfg.text_encoder, encoder.cfg)
+        return tokenizer, encoder, None if cfg.vae is None else components.load_vae(cfg.vae)
+
+    if cfg.features == "online":
+        codes = loader.scan(items, bucket_list, cache, log)  # kept only when some item is usable
+        if not (codes >= 0).any():
+            raise _nothing_to_train(cfg, items, loader.count_skipped(codes))
+        return loader.OnlineSamples(items, codes, bucket_list, *models(), cfg.max_caption_tokens)
+    meta = store_meta(items, cfg.text_encoder, cfg.vae, bucket_list, cfg.max_caption_tokens)
+    if cfg.feature_store is not None:
+        store = FeatureStore(cfg.feature_store)
+        differ = sorted(k for k in ("text_encoder", "vae", "buckets", "max_caption_tokens") if store.meta[k] != meta[k])
+        if differ:
+            raise ValueError(f"feature_store {cfg.feature_store} was made with other {differ} than the recipe's")
+        return loader.CachedSamples(store, cfg.max_caption_tokens)
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    folder = os.path.join(cache, f"store-{key}")
+    if pending(folder, meta, items, rank, world):
+        extract(items, folder, meta, *models(), bucket_list, cfg.max_caption_tokens, rank, world, log=log)
+    else:
+        log(f"reusing the feature store {folder}")
+    if world > 1:  # every rank's part is complete before any rank reads the store
+        from mindspore.mint.distributed import barrier
+
+        barrier()
+    store = FeatureStore(folder)
+    if not len(store):  # every item skipped: the run leaves nothing behind (a fixed list is extracted anew)
+        if rank == 0:
+            shutil.rmtree(cfg.output if fresh else folder, ignore_errors=True)
+        raise _nothing_to_train(cfg, items, loader.by_reason(store.skipped))
+    return loader.CachedSamples(store, cfg.max_caption_tokens)
+
+
+def _nothing_to_train(cfg: TrainConfig, items: list, skipped: dict) -> ValueError:
+    return ValueError(f"none of the {len(items)} items of {cfg.data} can be trained on (skipped: {skipped})")
+
+
 def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after=None, progress: bool = True):
     """Train (or resume) the Next-DiT run in ``cfg.output``; returns the trainer. ``stop_after`` ends early (tests)."""
     ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == "graph" else ms.PYNATIVE_MODE)
-    encoder = components.load_text_encoder(cfg.text_encoder)
-    tokenizer = components.load_tokenizer(cfg.text_encoder, encoder.cfg)
-    vae = None if cfg.vae is None else components.load_vae(cfg.vae)
-    ds = prepare_data(cfg, tokenizer, encoder, vae, log)
-    del encoder, vae
+    samples = open_samples(cfg, rank, world, log)
+    skipped = dict(samples.skipped)
+    log(f"skipped data: {skipped or 'none'}")
     ms.set_seed(cfg.seed)  # here: the initial weights do not depend on what the loaders above drew
-    model = build_model(cfg, ds.cap_feats.shape[-1])
+    model = build_model(cfg, samples.cap_dim)
     trainer = Trainer(FlowMatchingLoss(model), cfg, world)
     tables = {}  # RoPE inputs per latent size
+    failed = {"count": 0}  # images unreadable when a batch read them (after the scan), this rank
 
-    def batch_at(index: int):
-        x1, x0, t, feats, mask, idx = make_batch(ds, cfg, index, rank, world)
-        if x1.shape[2:] not in tables:
-            tables[x1.shape[2:]] = nextdit.rope_inputs(model.cfg, x1.shape[2], x1.shape[3], 1.0)
-        return (*map(Tensor, (x1, x0, t, feats, mask)), *tables[x1.shape[2:]]), idx
+    def batches(first: int, last: int):
+        stream = loader.batches(samples, cfg, first, last, rank, world, cfg.loader_workers)
+        for x1, x0, t, feats, mask, idx, bad in stream:
+            if bad:
+                failed["count"] += bad
+                log(f"{bad} image(s) of micro-batch {idx.tolist()} could not be read: replaced within the batch")
+            if x1.shape[2:] not in tables:
+                tables[x1.shape[2:]] = nextdit.rope_inputs(model.cfg, x1.shape[2], x1.shape[3], 1.0)
+            yield (*map(Tensor, (x1, x0, t, feats, mask)), *tables[x1.shape[2:]]), idx
 
-    what = f"Next-DiT {parameter_count(model):,} parameters, {len(ds.latents)} samples"
-    return fit(cfg, trainer, batch_at, what, rank, world, log, stop_after, progress)
+    def data_state() -> dict:
+        return {"skipped_data": skipped, "unreadable_in_training": failed["count"]}
+
+    what = f"Next-DiT {parameter_count(model):,} parameters, {samples.size} samples ({cfg.features} features)"
+    return fit(cfg, trainer, batches, what, rank, world, log, stop_after, progress, data_state)
 
 
 def export_pipeline(cfg: TrainConfig, trainer: Trainer, folder: str, use_ema: bool = True) -> None:
@@ -61,7 +125,7 @@ def export_pipeline(cfg: TrainConfig, trainer: Trainer, folder: str, use_ema: bo
     source = trainer.ema if use_ema else trainer.params
     arrays = ArrayCheckpoint({n: p.asnumpy() for n, p in zip(trainer.param_names, source)})
     specs = convert_tensors(arrays, None, param_shapes(model), what="the trained weights")
-    vocabulary = sorted({w for row in read_captions(cfg.data) for w in words(row["caption"])})
+    vocabulary = sorted({w for item in read_items(cfg.data) if item.caption for w in words(item.caption)})
     settings = diffusers_io.ProjectSettings(cfg.resolution, sampling=dict(cfg.sampling),
                                             vocabulary=vocabulary if cfg.closed_vocabulary else None)  # fmt: skip
     diffusers_io.save_pipeline(folder, settings, (specs, model.cfg), cfg.text_encoder, cfg.text_encoder, cfg.vae)

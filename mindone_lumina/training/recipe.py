@@ -14,7 +14,7 @@ class Recipe:
     """What every training recipe has: images, the optimiser, the loop. ``configs/*.yaml`` map onto the fields of a
     subclass one to one (unknown keys are an error)."""
 
-    data: str  # folder with images and captions.jsonl ({"image": relpath, "caption": str} per line)
+    data: str | list  # folder(s) with captions.jsonl, .json/.jsonl lists, Lumina .yaml data configs (sources.py)
     output: str  # run folder: checkpoints/, cache/, exports
     resolution: int = 1024  # pixels per side of the target area; buckets keep about resolution^2 pixels
     aspect_ratios: tuple = (1.0,)  # width / height of the buckets
@@ -85,6 +85,9 @@ class TrainConfig(Recipe):
     max_caption_tokens: int = 256
     t_sampling: str = "uniform"  # or "logit_normal"
     recompute: bool = False
+    features: str = "cached"  # cached: latents and caption features from a feature store; online: encoded per batch
+    feature_store: str | None = None  # cached: a store of tools/extract_features.py; None: extracted into output/cache
+    loader_workers: int = 2  # processes preparing batches ahead of the step (0: in the training process)
     sampling: dict = dataclasses.field(default_factory=dict)  # SampleSettings defaults recorded with the export
     closed_vocabulary: bool = False  # record the captions' words with the export: prompts with others then warn
 
@@ -92,6 +95,12 @@ class TrainConfig(Recipe):
         super().__post_init__()
         if self.t_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"t_sampling must be uniform or logit_normal, got {self.t_sampling!r}")
+        if self.features not in ("cached", "online"):
+            raise ValueError(f"features must be cached or online, got {self.features!r}")
+        if self.feature_store is not None and self.features != "cached":
+            raise ValueError("feature_store is read in features: cached only")
+        if self.loader_workers < 0:
+            raise ValueError(f"loader_workers must be >= 0, got {self.loader_workers}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
 

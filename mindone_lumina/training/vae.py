@@ -27,9 +27,10 @@ from ..io import diffusers_io
 from ..models import vae as vae_lib
 from ..models.layers import parameter_count
 from ..weights.load import load_state_dict
-from .data import batch_indices, bucket_groups, buckets, read_captions, read_images
+from .data import batch_indices, bucket_groups, buckets, read_images
 from .loop import fit
 from .recipe import Recipe
+from .sources import read_items
 from .step import Trainer
 
 
@@ -82,16 +83,16 @@ class Images:
 
 
 def load_images(cfg: Recipe, log=print) -> Images:
-    """Every readable image of ``cfg.data`` (captions.jsonl lists them) at its nearest bucket."""
+    """Every readable image of ``cfg.data`` (any list ``sources.read_items`` reads) at its nearest bucket."""
     bucket_list = buckets(cfg.resolution, cfg.aspect_ratios, cfg.bucket_multiple)
-    images, _, skipped = read_images(cfg.data, read_captions(cfg.data), bucket_list, log)
+    images, _, skipped = read_images(read_items(cfg.data), bucket_list, log)
     return Images(images, skipped)
 
 
 def make_batch(ds: Images, cfg: VAETrainConfig, step: int, rank: int = 0, world: int = 1):
     """Host-side batch for ``step``: images (B, 3, H, W) and the posterior noise (B, latent, H/f, W/f), drawn for
-    the whole global batch from (seed, step) and sliced by rank, as ``data.make_batch`` does."""
-    idx = batch_indices(ds, cfg, step, rank, world)
+    the whole global batch from (seed, step) and sliced by rank, as ``data.draws`` does."""
+    idx = batch_indices(ds.groups, cfg, step, rank, world)
     x = np.stack([ds.images[i] for i in idx])
     vae_cfg = cfg.vae_config
     f = vae_cfg.downsample_factor
@@ -141,12 +142,13 @@ def train_vae(cfg: VAETrainConfig, rank: int = 0, world: int = 1, log=print, sto
         components.load_vae(cfg.init, into=model)
     trainer = Trainer(VAELoss(model, cfg.kl_weight), cfg, world)
 
-    def batch_at(index: int):
-        x, eps, idx = make_batch(ds, cfg, index, rank, world)
-        return (Tensor(x), Tensor(eps)), idx
+    def batches(first: int, last: int):
+        for index in range(first, last):
+            x, eps, idx = make_batch(ds, cfg, index, rank, world)
+            yield (Tensor(x), Tensor(eps)), idx
 
     what = f"VAE {parameter_count(model):,} parameters, {len(ds.images)} images"
-    trainer = fit(cfg, trainer, batch_at, what, rank, world, log, stop_after, progress)
+    trainer = fit(cfg, trainer, batches, what, rank, world, log, stop_after, progress)
     trainer.data = ds
     return trainer
 
