@@ -21,14 +21,11 @@ import mindspore as ms
 from ..atomic import atomic_path
 from ..models import vae as vae_lib
 from ..text import gemma
-from .data import TOO_SMALL, UNREADABLE, batch_indices, draws, image_bucket, load_image
-from .extract import NO_CAPTION, NO_IMAGE
+from .data import batch_indices, draws, image_bucket, load_image
+from .extract import NO_CAPTION, NO_IMAGE, REASONS  # skip reasons; an online scan codes one as -1 - its position
 from .feature_store import FeatureStore
 from .recipe import TrainConfig
 from .sources import items_digest
-
-REASONS = (NO_IMAGE, NO_CAPTION, UNREADABLE, TOO_SMALL)  # skip reasons; an online scan stores -1 - their position
-COLUMNS = ("x1", "x0", "t", "cap_feats", "cap_mask", "idx", "bad")  # what ``batches`` yields, in order
 
 
 def by_reason(counts: dict) -> dict:
@@ -179,8 +176,9 @@ class _Steps:
 
 
 def batches(samples, cfg: TrainConfig, first: int, last: int, rank: int = 0, world: int = 1, workers: int = 2):
-    """Micro-batches ``first .. last - 1`` of ``rank`` in order, as (x1, x0, t, cap_feats, cap_mask, idx, bad)
-    NumPy arrays (``COLUMNS``), prepared by ``workers`` processes of ``mindspore.dataset`` (0: in this process)."""
+    """Micro-batches ``first .. last - 1`` of ``rank`` in order, as NumPy (x1, x0, t, cap_feats, cap_mask, sample
+    indices) and the count of images that failed to read, prepared ahead by ``workers`` processes of
+    ``mindspore.dataset`` (0: one thread of this process)."""
     import mindspore.dataset as ds
 
     if last <= first:

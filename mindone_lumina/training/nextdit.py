@@ -55,7 +55,11 @@ def open_samples(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print):
         return tokenizer, encoder, None if cfg.vae is None else components.load_vae(cfg.vae)
 
     if cfg.features == "online":
-        codes = loader.scan(items, bucket_list, cache, log)  # kept only when some item is usable
+        # rank 0 reads the image headers and keeps the result in the run folder (only when some item is usable);
+        # the other ranks read that, or scan themselves when the folder is not shared
+        codes = loader.scan(items, bucket_list, cache, log) if rank == 0 else None
+        _barrier(world)
+        codes = loader.scan(items, bucket_list, cache, log) if codes is None else codes
         if not (codes >= 0).any():
             raise _nothing_to_train(cfg, items, loader.count_skipped(codes))
         return loader.OnlineSamples(items, codes, bucket_list, *models(), cfg.max_caption_tokens)
@@ -72,16 +76,20 @@ def open_samples(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print):
         extract(items, folder, meta, *models(), bucket_list, cfg.max_caption_tokens, rank, world, log=log)
     else:
         log(f"reusing the feature store {folder}")
-    if world > 1:  # every rank's part is complete before any rank reads the store
-        from mindspore.mint.distributed import barrier
-
-        barrier()
+    _barrier(world)  # every rank's part is complete before any rank reads the store
     store = FeatureStore(folder)
     if not len(store):  # every item skipped: the run leaves nothing behind (a fixed list is extracted anew)
         if rank == 0:
             shutil.rmtree(cfg.output if fresh else folder, ignore_errors=True)
         raise _nothing_to_train(cfg, items, loader.by_reason(store.skipped))
     return loader.CachedSamples(store, cfg.max_caption_tokens)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        from mindspore.mint.distributed import barrier
+
+        barrier()
 
 
 def _nothing_to_train(cfg: TrainConfig, items: list, skipped: dict) -> ValueError:
