@@ -37,7 +37,7 @@ class GemmaConfig(DecoderConfig):
 PRESETS = {"gemma-2b": GemmaConfig()}  # google/gemma-2b, Lumina-Next's text encoder
 
 
-def encode_prompts(tokenizer, encoder, prompts, negative_prompt="", max_length: int = 256):
+def encode_prompts(tokenizer, encoder, prompts, negative_prompt="", max_length: int = 256, pad_to_max: bool = False):
     """Caption features for Next-DiT, tokenized and encoded as Lumina-Next does (spec section 4).
 
     One tokenizer call on ``[prompts..., negatives...]`` (right padding to the longest row rounded up to a multiple
@@ -50,6 +50,8 @@ def encode_prompts(tokenizer, encoder, prompts, negative_prompt="", max_length: 
         negative_prompt: the unconditional prompt: a string used for every row (``""`` = just BOS, the reference
             default), a list with one string per prompt, or None for conditional rows only.
         max_length: longest token sequence kept; longer prompts are truncated with a warning naming the count.
+        pad_to_max: pad every row to ``max_length`` (one encoder shape for every call, e.g. training's online mode,
+            where a graph per length would be compiled otherwise).
 
     Returns:
         ``(cap_feats, cap_mask)``: (B, Lc, hidden) Tensor in the encoder dtype and (B, Lc) int32 Tensor (1 = token),
@@ -58,8 +60,8 @@ def encode_prompts(tokenizer, encoder, prompts, negative_prompt="", max_length: 
     texts = prompt_batch(prompts, negative_prompt)
     if not isinstance(max_length, int) or not 0 < max_length <= encoder.cfg.max_position_embeddings:
         raise ValueError(f"max_length must be an int in [1, {encoder.cfg.max_position_embeddings}], got {max_length}")
-    tokens = tokenizer(texts, padding=True, pad_to_multiple_of=8, max_length=max_length, truncation=True,
-                       padding_side="right", return_tensors="np")  # fmt: skip
+    tokens = tokenizer(texts, padding="max_length" if pad_to_max else True, pad_to_multiple_of=8,
+                       max_length=max_length, truncation=True, padding_side="right", return_tensors="np")  # fmt: skip
     ids, mask = tokens["input_ids"], tokens["attention_mask"]
     check_vocab(ids, encoder.cfg)
     warn_truncated(tokenizer, texts, mask.sum(axis=1), max_length)

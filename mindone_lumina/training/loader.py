@@ -91,15 +91,16 @@ class OnlineSamples:
         kept = np.flatnonzero(codes >= 0)
         if not len(kept):
             raise ValueError(f"none of the {len(items)} items has a readable image and a caption")
-        self.images = np.array([items[i].image for i in kept])  # compact columns, not Item objects
-        self.captions = np.array([items[i].caption for i in kept])
+        self.images = _Strings([items[i].image for i in kept])  # compact columns, not Item objects
+        self.captions = _Strings([items[i].caption for i in kept])
         buckets_of = codes[kept]
         used = sorted(set(buckets_of.tolist()))
         self.groups = [np.flatnonzero(buckets_of == b) for b in used]
         self._bucket = buckets_of
         self.bucket_list = bucket_list
         self.skipped = count_skipped(codes)
-        self.size, self.cap_length, self.cap_dim = len(kept), max_tokens, encoder.cfg.hidden_size
+        self.size, self.max_tokens, self.cap_dim = len(kept), max_tokens, encoder.cfg.hidden_size
+        self.cap_length = (max_tokens + 7) // 8 * 8  # every batch padded to it: one graph shape
         self.latent = (3, 1) if vae is None else (vae.cfg.latent_channels, vae.cfg.downsample_factor)
         self.tokenizer, self.encoder, self.vae = tokenizer, encoder, vae
 
@@ -114,10 +115,10 @@ class OnlineSamples:
     def fetch(self, idx: np.ndarray, drop: np.ndarray) -> tuple:
         """(images (B, 3, H, W), -, -, count of images that failed to read) in a worker; a failed image is replaced
         by another of its batch (same bucket), so a file broken since the scan never stops the run."""
-        images = [load_image(str(self.images[i]), self.bucket_list) for i in idx]
+        images = [load_image(self.images[i], self.bucket_list) for i in idx]
         good = [im for im in images if not isinstance(im, str)]
         if not good:
-            raise ValueError(f"no image of a batch could be read: {[str(self.images[i]) for i in idx]}")
+            raise ValueError(f"no image of a batch could be read: {[self.images[i] for i in idx]}")
         bad = len(images) - len(good)
         images = [good[n % len(good)] if isinstance(im, str) else im for n, im in enumerate(images)]
         none = np.zeros(1, np.float32)  # the features are made by ``finish``
@@ -125,15 +126,26 @@ class OnlineSamples:
 
     def finish(self, images, feats, mask, idx, drop) -> tuple:
         """The batch's latents and caption features (dropped captions are ""), in the training process."""
-        captions = ["" if d else str(self.captions[i]) for i, d in zip(idx, drop)]
-        feats, mask = gemma.encode_prompts(self.tokenizer, self.encoder, captions, None, self.cap_length)
-        feats, mask = feats.astype(ms.float32).asnumpy(), mask.asnumpy()
-        out_f = np.zeros((len(idx), self.cap_length, self.cap_dim), np.float32)
-        out_m = np.zeros((len(idx), self.cap_length), np.int32)
-        out_f[:, : feats.shape[1]] = feats * mask[..., None]  # zeros past each caption, as the store pads
-        out_m[:, : mask.shape[1]] = mask
+        captions = ["" if d else self.captions[i] for i, d in zip(idx, drop)]
+        feats, mask = gemma.encode_prompts(self.tokenizer, self.encoder, captions, None, self.max_tokens, True)
+        feats, mask = feats.astype(ms.float32).asnumpy(), mask.asnumpy()  # (B, cap_length, D), (B, cap_length)
+        assert feats.shape[1] == self.cap_length, feats.shape
+        feats = feats * mask[..., None].astype(np.float32)  # zeros past each caption, as the store pads
         x1 = images if self.vae is None else vae_lib.images_to_latents(self.vae, images).astype(np.float32)
-        return x1, out_f, out_m
+        return x1, feats, mask.astype(np.int32)
+
+
+class _Strings:
+    """A list of strings as one UTF-8 buffer and offsets (a few bytes of overhead each, nothing for a forked worker
+    to copy): ``strings[i]``."""
+
+    def __init__(self, strings: list):
+        data = [x.encode() for x in strings]
+        self.offsets = np.concatenate([[0], np.cumsum([len(b) for b in data], dtype=np.int64)])
+        self.buffer = np.frombuffer(b"".join(data), np.uint8)
+
+    def __getitem__(self, i: int) -> str:
+        return self.buffer[self.offsets[i] : self.offsets[i + 1]].tobytes().decode()
 
 
 def scan(items: list, bucket_list: list, cache_dir: str | None = None, log=print) -> np.ndarray:
