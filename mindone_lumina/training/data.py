@@ -100,7 +100,8 @@ def read_images(items: list, bucket_list: list, log=print) -> tuple:
 
 def encode_latents(images: list, vae, chunk: int = 64) -> list:
     """Images (3, H, W) -> float32 latents, encoded ``chunk`` images of one bucket shape per VAE call (pixels as they
-    are without a VAE)."""
+    are without a VAE). A call's batch is padded to a power of two (repeating its last image): batches of mixed
+    buckets then make a few graph shapes per bucket, not one compile per count."""
     if vae is None:
         return [np.ascontiguousarray(img, np.float32) for img in images]
     out = [None] * len(images)
@@ -108,7 +109,8 @@ def encode_latents(images: list, vae, chunk: int = 64) -> list:
         index = [i for i, img in enumerate(images) if img.shape == shape]
         for start in range(0, len(index), chunk):
             part = index[start : start + chunk]
-            z = vae_lib.images_to_latents(vae, np.stack([images[i] for i in part]))
+            padded = part + part[-1:] * ((1 << (len(part) - 1).bit_length()) - len(part))
+            z = vae_lib.images_to_latents(vae, np.stack([images[i] for i in padded]))
             for i, zi in zip(part, z):
                 out[i] = np.ascontiguousarray(zi, np.float32)  # safetensors writes the raw buffer
     return out

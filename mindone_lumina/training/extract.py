@@ -85,8 +85,9 @@ def pending(folder: str, meta: dict, items: list, rank: int = 0, world: int = 1)
 
 
 def _caption_features(tokenizer, encoder, captions: list, max_tokens: int):
-    """(features (B, Lc, D) float32, real token counts (B,)): each row's first ``count`` rows are its tokens."""
-    feats, mask = gemma.encode_prompts(tokenizer, encoder, captions, negative_prompt=None, max_length=max_tokens)
+    """(features (B, Lc, D) float32, real token counts (B,)): each row's first ``count`` rows are its tokens. Padded
+    to ``max_tokens`` (one encoder graph; a length per batch would compile once per length)."""
+    feats, mask = gemma.encode_prompts(tokenizer, encoder, captions, None, max_tokens, pad_to_max=True)
     mask = mask.asnumpy()
     assert np.all(np.cumsum(1 - mask, axis=1)[mask == 1] == 0), "right padding expected"
     return feats.astype(ms.float32).asnumpy(), mask.sum(axis=1)
