@@ -1,6 +1,6 @@
 """Fast recipe probe for the default model: the shapes-demo training in PyTorch, to compare recipe variants.
 
-    python benchmarks/probe_shapes_recipe.py --cache runs/shapes-demo/cache/features-*.safetensors \
+    python benchmarks/probe_shapes_recipe.py --store runs/shapes-demo/cache/store-* \
         --text-encoder data/text_encoder [--steps 1400] [--batch 32] [--lr 1e-3] [--schedule cosine] [--ema 0.998]
         [--t-sampling uniform] [--dim 128] [--layers 5] [--eval-every 700] [--prompts 96]
         [--latent [--vae-steps 1500] [--latent-channels 4] [--vae-out vae.pt]]
@@ -9,9 +9,11 @@ The project's MindSpore training step runs about 5x slower than PyTorch on this 
 recipe is cheaper to probe here and then trained with ``tools/train.py``. The model is diffusers'
 ``LuminaNextDiT2DModel`` (the same network as ``models.nextdit.NextDiT``, parity-tested) initialised as
 ``models/nextdit.py`` does (xavier linears; zero adaLN, final layer, caption projection and cross-attention gates); the
-data are the cached latents and caption features that ``tools/train.py`` wrote, the loss, AdamW, clipping, warm-up +
-cosine and EMA are the ``training`` package's. Every ``--eval-every`` steps the EMA weights sample held-out prompts
-(midpoint, 30 grid points, shift 4, CFG 4, as the pipeline's defaults) and ``shapes.score`` reads them back. A probe,
+data are the latents and caption features of a feature store (``tools/extract_features.py``, or the one
+``tools/train.py`` extracts into its run folder; the probe trains on its largest bucket), the loss, AdamW, clipping,
+warm-up + cosine and EMA are the ``training`` package's. Every ``--eval-every`` steps the EMA weights sample
+held-out prompts (midpoint, 30 grid points, shift 4, CFG 4, as the pipeline's defaults) and ``shapes.score`` reads
+them back. A probe,
 not a parity test: its numbers say which recipe learns faster, not what the MindSpore run will score.
 
 ``--latent`` probes a latent-space model instead: a small diffusers ``AutoencoderKL`` (channels 32/64/64, one resnet
@@ -30,7 +32,6 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, LuminaNextDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
-from safetensors.numpy import load_file
 
 import mindspore as ms
 
@@ -38,6 +39,8 @@ from mindone_lumina import sampling, shapes
 from mindone_lumina.components import load_text_encoder
 from mindone_lumina.text.gemma import encode_prompts
 from mindone_lumina.text.tokenizers import load_tokenizer
+from mindone_lumina.training import loader
+from mindone_lumina.training.feature_store import FeatureStore
 
 
 def build_model(args) -> LuminaNextDiT2DModel:
@@ -175,7 +178,7 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cache", required=True, help="features-*.safetensors written by tools/train.py")
+    p.add_argument("--store", required=True, help="a feature store (tools/extract_features.py, or run/cache/store-*)")
     p.add_argument("--text-encoder", required=True)
     p.add_argument("--steps", type=int, default=1400)
     add_recipe_arguments(p)
@@ -192,11 +195,13 @@ def main():
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    data = load_file(args.cache)
-    n = sum(1 for k in data if k.startswith("latent."))
-    x_all = torch.from_numpy(np.stack([data[f"latent.{i}"] for i in range(n)]))  # (N, 3, H, W)
-    caps, masks = torch.from_numpy(data["cap_feats"]), torch.from_numpy(data["cap_mask"]).bool()
-    empty, empty_mask = torch.from_numpy(data["empty_feats"]), torch.from_numpy(data["empty_mask"]).bool()
+    samples = loader.CachedSamples(FeatureStore(args.store), max_tokens=256)
+    group = max(samples.groups, key=len)  # one bucket: the probe trains at one size
+    x_all, caps, masks, _ = samples.fetch(group, np.zeros(len(group), bool))
+    _, empty, empty_mask, _ = samples.fetch(group[:1], np.ones(1, bool))  # the dropped caption
+    n = len(group)
+    x_all, caps, masks = torch.from_numpy(x_all), torch.from_numpy(caps), torch.from_numpy(masks).bool()  # (N, C, H, W)
+    empty, empty_mask = torch.from_numpy(empty[0]), torch.from_numpy(empty_mask[0]).bool()
     vae, scale = None, 1.0
     if args.latent:
         if args.vae_out and os.path.exists(args.vae_out):
