@@ -285,19 +285,21 @@ def test_lr_schedule():
     assert training.lr_at(cfg, 110) == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1])
-def test_msrun_data_parallel_matches_single_process(tmp_path, data_and_encoder, zero_stage):
+@pytest.mark.parametrize("zero_stage, features", [(0, "cached"), (1, "cached"), (0, "online")])
+def test_msrun_data_parallel_matches_single_process(tmp_path, data_and_encoder, zero_stage, features):
     """2 CPU workers (mccl) with 1 sample each, stopped half-way and resumed == one process with the global batch of 2
     run straight: the same samples in the same order (each epoch: every sample once, on one rank), the same losses
-    and weights. The ranks extract the feature store together (one part each). With ZeRO stage 1 each rank holds half
-    of AdamW's moments (sharded state through the checkpoint)."""
+    and weights. Cached: the ranks extract the feature store together (one part each); online: rank 0 scans the
+    images, the other reads its scan. With ZeRO stage 1 each rank holds half of AdamW's moments (sharded state through
+    the checkpoint)."""
     import socket
     import subprocess
     import sys
 
     from safetensors.numpy import load_file
 
-    path = recipe(tmp_path, data_and_encoder, steps=4, batch_size=1, save_every=2, zero_stage=zero_stage)
+    path = recipe(tmp_path, data_and_encoder, steps=4, batch_size=1, save_every=2, zero_stage=zero_stage,
+                  features=features, max_caption_tokens=32)  # fmt: skip
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -309,8 +311,11 @@ def test_msrun_data_parallel_matches_single_process(tmp_path, data_and_encoder, 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in (0, 1)]
-    assert sorted(os.listdir(tmp_path / "run" / "cache" / os.listdir(tmp_path / "run" / "cache")[0]))[:2] == [
-        "index-r0.json", "index-r1.json"]  # fmt: skip
+    cache = sorted(os.listdir(tmp_path / "run" / "cache"))
+    if features == "cached":
+        assert sorted(os.listdir(tmp_path / "run" / "cache" / cache[0]))[:2] == ["index-r0.json", "index-r1.json"]
+    else:
+        assert len(cache) == 1 and cache[0].startswith("scan-")  # one scan, by rank 0
     seen = np.stack([r.pop("seen") for r in ranks], axis=1)  # (steps, rank): one sample per rank and step
     losses = np.stack([r.pop("losses") for r in ranks], axis=1)
     assert seen.shape == (4, 2) and all(sorted(step) == [0, 1] for step in seen)  # each epoch: both samples, once
