@@ -21,6 +21,11 @@ NO_IMAGE, NO_CAPTION = "no image path", "missing caption"  # skip reasons beside
 REASONS = (NO_IMAGE, NO_CAPTION, UNREADABLE, TOO_SMALL)
 
 
+def entry_problem(item) -> str | None:
+    """Why a list entry cannot be used before its image is opened (``NO_IMAGE``, ``NO_CAPTION``), or None."""
+    return NO_IMAGE if item.image is None else NO_CAPTION if item.caption is None else None
+
+
 def store_meta(items: list, text_encoder: str, vae: str | None, bucket_list: list, max_tokens: int) -> dict:
     """What the features are made with; a store (or a resumed part) with other values is refused."""
     return {
@@ -56,7 +61,7 @@ def extract(items, folder: str, meta: dict, tokenizer, encoder, vae, bucket_list
                 continue
             good, images = [], []
             for item in chunk:
-                reason = NO_IMAGE if item.image is None else NO_CAPTION if item.caption is None else None
+                reason = entry_problem(item)
                 image = None if reason else load_image(item.image, bucket_list)
                 if reason or isinstance(image, str):
                     writer.skip(item.id, reason or image)

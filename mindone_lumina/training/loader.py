@@ -22,7 +22,7 @@ from ..atomic import atomic_path
 from ..models import vae as vae_lib
 from ..text import gemma
 from .data import batch_indices, draws, image_bucket, load_image
-from .extract import NO_CAPTION, NO_IMAGE, REASONS  # skip reasons; an online scan codes one as -1 - its position
+from .extract import REASONS, entry_problem  # skip reasons; an online scan codes one as -1 - its position
 from .feature_store import FeatureStore
 from .recipe import TrainConfig
 from .sources import items_digest
@@ -157,8 +157,7 @@ def scan(items: list, bucket_list: list, cache_dir: str | None = None, log=print
         return np.load(path)
     codes = np.empty(len(items), np.int32)
     for n, item in enumerate(items):
-        found = NO_IMAGE if item.image is None else NO_CAPTION if item.caption is None else None
-        found = found or image_bucket(item.image, bucket_list)
+        found = entry_problem(item) or image_bucket(item.image, bucket_list)
         codes[n] = -1 - REASONS.index(found) if isinstance(found, str) else found
         if (n + 1) % 100_000 == 0:
             log(f"scanned {n + 1} / {len(items)} images")
