@@ -45,6 +45,10 @@ setup(
             "gradio==6.17.3",
             "gradio_client==2.5.0",
             "selenium==4.51.0",
+            # tests/test_lora.py: adapters exchanged with peft on diffusers' LuminaNextDiT2DModel (peft 0.21.2 and its
+            # accelerate install beside the pins above without changing them)
+            "peft==0.21.2",
+            "accelerate==1.16.0",
         ],
     },
 )

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from ..atomic import refuse_existing, write_json
 from .checkpoints import ModelParallelCheckpoint, open_checkpoint
 from .load import empty, load_specs, param_shapes
-from .rules import RuleTable, ShardTable, convert_tensors, export_tensors, plan_rename
+from .rules import RuleTable, ShardTable, convert_tensors, copies_agree, export_tensors
 from .safetensors import SafetensorsFile, write_safetensors
-from .tensors import same_bits
 from .torch_pickle import read_pickle
 
 _WB = ("weight", "bias")
@@ -135,7 +134,7 @@ class DiTWeights:
         reader, layout = self.open(path, ema, allow_inexact_merge)
         cfg = self.resolve_config(path, cfg)
         table = layout.table
-        if layout.untied is not None and (getattr(cfg, layout.untied_field) or not _copies_agree(reader, table)):
+        if layout.untied is not None and (getattr(cfg, layout.untied_field) or not copies_agree(reader, table)):
             table, cfg = layout.untied, dataclasses.replace(cfg, **{layout.untied_field: True})
         return cfg, convert_tensors(reader, table, param_shapes(empty(self.model, cfg)), dtype, what=path)
 
@@ -180,9 +179,3 @@ class DiTWeights:
         if side:  # the original constructor's arguments only
             write_json(side, {k: v for k, v in dataclasses.asdict(cfg).items() if k != "separate_cross_query"}, force)
         return path
-
-
-def _copies_agree(reader, table: RuleTable) -> bool:
-    """Whether every pair of tensors ``table`` maps to one project key holds the same bits (reads them)."""
-    _, copies, _ = plan_rename(reader.keys(), table)
-    return all(same_bits(reader.read(dup), reader.read(first)) for dup, first in copies.items())

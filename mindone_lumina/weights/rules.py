@@ -123,6 +123,12 @@ def check_checkpoint(reader, table: RuleTable | None, expected_shapes: Mapping):
     return targets, copies, LoadReport(report.missing, tuple(unexpected), tuple(mismatched))
 
 
+def copies_agree(reader, table: RuleTable) -> bool:
+    """Whether every pair of tensors ``table`` maps to one project key holds the same bits (reads them)."""
+    _, copies, _ = plan_rename(reader.keys(), table)
+    return all(same_bits(reader.read(dup), reader.read(first)) for dup, first in copies.items())
+
+
 def convert_tensors(reader, table: RuleTable | None, expected_shapes: Mapping, dtype="keep", what="checkpoint"):
     """A streaming plan that renames ``reader``'s tensors to project names and casts them (keep/fp32/fp16/bf16).
 
