@@ -7,8 +7,7 @@ import os
 import numpy as np
 import pytest
 import yaml
-from conftest import load_tool
-from PIL import Image
+from conftest import TINY, load_tool, recipe
 
 import mindspore as ms
 
@@ -18,42 +17,6 @@ from mindone_lumina.models import vae as vae_lib
 from mindone_lumina.pipeline import SampleSettings, TextToImagePipeline
 from mindone_lumina.text.tokenizers import words
 from mindone_lumina.training import vae as vae_training
-
-TINY = {"dim": 32, "n_layers": 2, "n_heads": 2, "multiple_of": 16, "cap_feat_dim": 32, "in_channels": 3,
-        "patch_size": 2, "qk_norm": True}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def data_and_encoder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    data = root / "data"
-    data.mkdir()
-    rows = []
-    for i, (name, rgb) in enumerate([("red", (220, 40, 40)), ("blue", (40, 70, 220))]):
-        img = np.full((16, 16, 3), 255 - np.array(rgb), np.uint8)
-        img[4:12, 4:12] = rgb
-        Image.fromarray(img).save(data / f"{i}.png")
-        rows.append({"image": f"{i}.png", "caption": f"a {name} square"})
-    (data / "broken.png").write_bytes(b"not a png")
-    rows.append({"image": "broken.png", "caption": "a broken image"})
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(data / "tiny.png")  # below the 16x16 bucket
-    rows.append({"image": "tiny.png", "caption": "a tiny image"})
-    (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    encoder = root / "text_encoder"
-    args = ["--captions", str(data / "captions.jsonl"), "--out", str(encoder), "--hidden", "32", "--layers", "2"]
-    load_tool("make_text_encoder").main(args + ["--heads", "2", "--vocab", "300"])
-    return str(data), str(encoder)
-
-
-def recipe(tmp_path, data_and_encoder, **kw):
-    data, encoder = data_and_encoder
-    raw = {"data": data, "output": str(tmp_path / "run"), "model": TINY, "text_encoder": encoder, "resolution": 16,
-           "batch_size": 2, "steps": 200, "lr": 3e-3, "caption_dropout": 0.0, "ema_decay": 0.9, "save_every": 100,
-           "log_every": 100, **kw}  # fmt: skip
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
 
 
 def test_tiny_model_overfits_and_skips_broken_and_small_images(tmp_path, data_and_encoder):

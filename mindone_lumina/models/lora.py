@@ -89,7 +89,9 @@ class Adapter(nn.Cell):
     def construct(self, x):
         if self.dropout is not None:
             x = self.dropout(x)
-        return ops.dense(ops.dense(x, self.lora_A), self.lora_B) * self.scale  # (..., r) -> (..., out)
+        # weights in the input's dtype: mixed precision (Cell.to_float) casts the inputs of Cells, not these
+        h = ops.dense(x, self.lora_A.astype(x.dtype))  # (..., r)
+        return ops.dense(h, self.lora_B.astype(x.dtype)) * self.scale  # (..., out)
 
 
 class LoRADense(nn.Cell):
@@ -104,7 +106,8 @@ class LoRADense(nn.Cell):
         self.names = []
 
     def construct(self, x):
-        out = ops.dense(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.astype(x.dtype)
+        out = ops.dense(x, self.weight.astype(x.dtype), bias)  # (..., out)
         for adapter in self.adapters:
             out = out + adapter(x).astype(out.dtype)
         return out

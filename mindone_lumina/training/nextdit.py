@@ -5,15 +5,19 @@ import json
 import os
 import shutil
 
+import numpy as np
+
 import mindspore as ms
 from mindspore import Tensor
 
 from .. import components
 from ..atomic import check_creatable
+from ..dtypes import ms_dtype
 from ..io import diffusers_io
-from ..models import nextdit
+from ..models import lora, nextdit
 from ..models.layers import parameter_count
 from ..text.tokenizers import words
+from ..weights import lora as lora_files
 from ..weights.load import load_specs, param_shapes
 from ..weights.rules import convert_tensors
 from ..weights.tensors import ArrayCheckpoint
@@ -34,6 +38,11 @@ def build_model(cfg: TrainConfig, cap_dim: int) -> nextdit.NextDiT:
     model = nextdit.NextDiT(arch)
     if cfg.init:  # any checkpoint the converter reads, streamed into the model
         load_specs(model, components.transformer_plan(cfg.init, arch)[2], cfg.init)
+    if cfg.lora is not None:  # only the adapter trains; the frozen base is stored in the compute dtype
+        lora.add_adapter(model, cfg.lora_config)
+        for p in model.get_parameters():
+            if not p.requires_grad and cfg.precision != "fp32":
+                p.set_dtype(ms_dtype(cfg.precision))
     if cfg.recompute:
         for block in model.layers:
             block.recompute()
@@ -121,16 +130,23 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after
     def data_state() -> dict:
         return {"skipped_data": skipped, "unreadable_in_training": failed["count"]}
 
-    what = f"Next-DiT {parameter_count(model):,} parameters, {samples.size} samples ({cfg.features} features)"
+    trained = sum(int(np.prod(p.shape)) for p in trainer.params)
+    what = (f"Next-DiT {parameter_count(model):,} parameters ({trained:,} trained), {samples.size} samples "
+            f"({cfg.features} features)")  # fmt: skip
     return fit(cfg, trainer, batches, what, rank, world, log, stop_after, progress, data_state)
 
 
-def export_pipeline(cfg: TrainConfig, trainer: Trainer, folder: str, use_ema: bool = True) -> None:
+def export_pipeline(cfg: TrainConfig, trainer: Trainer, folder: str, use_ema: bool = True) -> str | None:
     """Write the trained model (EMA weights by default) as a pipeline folder in the diffusers layout
     (``io.diffusers_io``) with the recipe's text encoder, tokenizer and VAE folders, its training size and sampling
-    defaults."""
+    defaults; a LoRA run writes its adapter as a peft folder (``weights.lora``) with the captions' words."""
     model = trainer.loss.model
     source = trainer.ema if use_ema else trainer.params
+    if cfg.lora is not None:
+        arrays = {n.replace(".adapters.0.", "."): p.asnumpy() for n, p in zip(trainer.param_names, source)}
+        vocabulary = {w for item in read_items(cfg.data) if item.caption for w in words(item.caption)}
+        lora_files.save_adapter(model, folder, arrays=arrays, vocabulary=vocabulary)
+        return "a LoRA adapter: tools/sample.py --lora " + folder
     arrays = ArrayCheckpoint({n: p.asnumpy() for n, p in zip(trainer.param_names, source)})
     specs = convert_tensors(arrays, None, param_shapes(model), what="the trained weights")
     vocabulary = sorted({w for item in read_items(cfg.data) if item.caption for w in words(item.caption)})

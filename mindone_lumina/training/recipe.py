@@ -90,6 +90,7 @@ class TrainConfig(Recipe):
     loader_workers: int = 2  # processes preparing batches ahead of the step (0: in the training process)
     sampling: dict = dataclasses.field(default_factory=dict)  # SampleSettings defaults recorded with the export
     closed_vocabulary: bool = False  # record the captions' words with the export: prompts with others then warn
+    lora: dict | None = None  # LoRA fine-tune (models.lora.LoRAConfig: rank, alpha, dropout, targets, rslora)
 
     def __post_init__(self):
         super().__post_init__()
@@ -103,6 +104,19 @@ class TrainConfig(Recipe):
             raise ValueError(f"loader_workers must be >= 0, got {self.loader_workers}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.lora is not None:
+            if not isinstance(self.lora, dict):
+                raise ValueError(f"lora must be a mapping (rank, alpha, dropout, targets, rslora), got {self.lora!r}")
+            _ = self.lora_config  # checked here, before any model loads
+            if not self.init:
+                raise ValueError("lora fine-tunes a trained model: the recipe needs init (or --init)")
+
+    @property
+    def lora_config(self):
+        """The ``lora:`` section as a ``LoRAConfig`` (None: full training)."""
+        from ..models.lora import LoRAConfig
+
+        return None if self.lora is None else LoRAConfig.from_dict(self.lora)
 
 
 def lr_at(cfg: Recipe, step: int) -> float:

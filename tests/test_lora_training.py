@@ -1,0 +1,109 @@
+"""LoRA fine-tuning through the training stack: only the adapter trains (base bit-identical, optimizer and EMA over
+the adapter only), checkpoints hold the adapter and resume exactly, fp16 keeps the frozen base in fp16, the export is
+a peft folder that loads back, and bad LoRA recipes are named."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import TINY, recipe
+from safetensors.numpy import load_file
+
+import mindspore as ms
+
+from mindone_lumina import training
+from mindone_lumina.models import lora, nextdit
+from mindone_lumina.weights import lora as lora_files
+from mindone_lumina.weights.load import cell_specs
+from mindone_lumina.weights.nextdit import NEXTDIT
+
+LORA = {"rank": 4, "alpha": 4, "targets": ["attention", "feed_forward"]}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A Next-DiT of the TINY recipe with random non-zero weights (a trained model's adaLN and output layers are not
+    zero, so every adapter gets gradients), saved as the project's safetensors."""
+    cfg = nextdit.resolve_config(TINY)
+    model = nextdit.NextDiT(cfg)
+    rng = np.random.default_rng(0)
+    for name, p in model.parameters_and_names():  # norms near 1, the rest near 0
+        value = rng.standard_normal(p.shape).astype(np.float32) * 0.1 + (1.0 if "norm" in name else 0.0)
+        p.set_data(ms.Tensor(value))
+    path = str(tmp_path_factory.mktemp("base") / "base.safetensors")
+    NEXTDIT.write(cell_specs(model), cfg, path)
+    return path, {n: p.asnumpy() for n, p in model.parameters_and_names()}
+
+
+def _trained(trainer) -> dict:
+    return {n: p.asnumpy() for n, p in zip(trainer.param_names, trainer.params)}
+
+
+def test_only_the_adapter_trains_and_the_export_loads_back(tmp_path, data_and_encoder, base):
+    init, weights = base
+    cfg = training.TrainConfig.from_yaml(recipe(tmp_path, data_and_encoder, steps=60, save_every=60, lr=1e-2,
+                                                init=init, lora=LORA))  # fmt: skip
+    logs = []
+    trainer = training.train(cfg, log=logs.append)
+    model = trainer.loss.model
+    assert trainer.param_names and all(".adapters.0.lora_" in n for n in trainer.param_names)
+    assert len(trainer.param_names) == 2 * 2 * 9  # 2 blocks x 9 layers (6 attention, 3 feed-forward) x (A, B)
+    assert any("trained)" in line for line in logs)
+    frozen = {n: p for n, p in model.parameters_and_names() if ".adapters." not in n}
+    assert set(frozen) == set(weights) and all(np.array_equal(p.asnumpy(), weights[n]) for n, p in frozen.items())
+    losses = np.array([loss for _, loss, _ in trainer.history])
+    assert losses[-10:].mean() < 0.8 * losses[:10].mean()  # it learns
+    assert any(np.abs(v).max() > 0 for n, v in _trained(trainer).items() if n.endswith("lora_B"))
+    # the checkpoint holds the adapter only (model, EMA and AdamW's moments)
+    ckpt = training.latest_checkpoint(cfg.output)
+    assert set(load_file(os.path.join(ckpt, "model.safetensors"))) == set(trainer.param_names)
+    assert len(load_file(os.path.join(ckpt, "optimizer.safetensors"))) <= 2 * len(trainer.param_names) + 4
+    # export: a peft folder with the EMA adapter and the captions' words
+    folder = str(tmp_path / "adapter")
+    note = training.export_pipeline(cfg, trainer, folder)
+    assert "tools/sample.py --lora" in note
+    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads(open(os.path.join(folder, "adapter_config.json")).read())
+    assert config["r"] == 4 and config["lora_alpha"] == 4 and "attn2.to_q" in config["target_modules"]
+    fresh = nextdit.NextDiT(model.cfg)
+    fresh.set_train(False)
+    plan = lora_files.apply_adapter(fresh, folder)
+    assert "red" in plan.vocabulary and not plan.untied
+    ema = {n.replace(".adapters.0.", "."): e.asnumpy() for n, e in zip(trainer.param_names, trainer.ema)}
+    for key, p in lora.adapter_state(fresh, "adapter").items():
+        assert np.array_equal(p.asnumpy(), ema[key]), key
+
+
+def test_lora_resume_equals_straight_run(tmp_path, data_and_encoder, base):
+    kw = {"steps": 6, "save_every": 2, "init": base[0], "lora": {**LORA, "dropout": 0.1}, "ema_decay": 0.8}
+    straight = training.train(training.TrainConfig.from_yaml(recipe(tmp_path / "a", data_and_encoder, **kw)))
+    path = recipe(tmp_path / "b", data_and_encoder, **kw)
+    training.train(training.TrainConfig.from_yaml(path), stop_after=4)
+    resumed = training.train(training.TrainConfig.from_yaml(path))
+    for a, b in zip(straight.params, resumed.params):
+        assert np.array_equal(a.asnumpy(), b.asnumpy()), a.name
+    for a, b in zip(straight.ema, resumed.ema):
+        assert np.array_equal(a.asnumpy(), b.asnumpy()), a.name
+
+
+def test_fp16_lora_keeps_the_frozen_base_in_fp16(tmp_path, data_and_encoder, base):
+    path = recipe(tmp_path, data_and_encoder, steps=4, save_every=4, init=base[0], lora=LORA, precision="fp16")
+    trainer = training.train(training.TrainConfig.from_yaml(path))
+    model = trainer.loss.model
+    assert all(p.dtype == ms.float32 for p in trainer.params)  # adapter, its moments and EMA in fp32
+    assert {p.dtype for n, p in model.parameters_and_names() if ".adapters." not in n} == {ms.float16}
+    assert all(np.isfinite(loss) for _, loss, _ in trainer.history)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lora": {"rank": 0}}, "lora rank must be a positive integer"),
+    ({"lora": {"rank": 4, "target": ["attention"]}}, r"unknown lora key\(s\) \['target'\]"),
+    ({"lora": {"targets": ["mlp"]}}, "lora targets must be"),
+    ({"lora": [4]}, "lora must be a mapping"),
+    ({"lora": {"rank": 4}, "init": None}, "lora fine-tunes a trained model: the recipe needs init"),
+])  # fmt: skip
+def test_bad_lora_recipes_are_named(tmp_path, data_and_encoder, base, change, message):
+    kw = {"init": base[0]} | change
+    with pytest.raises(ValueError, match=message):
+        training.TrainConfig.from_yaml(recipe(tmp_path, data_and_encoder, **kw))
