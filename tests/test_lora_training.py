@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import TINY, recipe
+from conftest import recipe
 from safetensors.numpy import load_file
 
 import mindspore as ms
@@ -15,25 +15,8 @@ import mindspore as ms
 from mindone_lumina import training
 from mindone_lumina.models import lora, nextdit
 from mindone_lumina.weights import lora as lora_files
-from mindone_lumina.weights.load import cell_specs
-from mindone_lumina.weights.nextdit import NEXTDIT
 
 LORA = {"rank": 4, "alpha": 4, "targets": ["attention", "feed_forward"]}
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A Next-DiT of the TINY recipe with random non-zero weights (a trained model's adaLN and output layers are not
-    zero, so every adapter gets gradients), saved as the project's safetensors."""
-    cfg = nextdit.resolve_config(TINY)
-    model = nextdit.NextDiT(cfg)
-    rng = np.random.default_rng(0)
-    for name, p in model.parameters_and_names():  # norms near 1, the rest near 0
-        value = rng.standard_normal(p.shape).astype(np.float32) * 0.1 + (1.0 if "norm" in name else 0.0)
-        p.set_data(ms.Tensor(value))
-    path = str(tmp_path_factory.mktemp("base") / "base.safetensors")
-    NEXTDIT.write(cell_specs(model), cfg, path)
-    return path, {n: p.asnumpy() for n, p in model.parameters_and_names()}
 
 
 def _trained(trainer) -> dict:
@@ -76,10 +59,14 @@ def test_only_the_adapter_trains_and_the_export_loads_back(tmp_path, data_and_en
 
 
 def test_lora_resume_equals_straight_run(tmp_path, data_and_encoder, base):
-    kw = {"steps": 6, "save_every": 2, "init": base[0], "lora": {**LORA, "dropout": 0.1}, "ema_decay": 0.8}
+    kw = {"steps": 4, "save_every": 2, "init": base[0], "lora": {**LORA, "dropout": 0.3}, "ema_decay": 0.8}
     straight = training.train(training.TrainConfig.from_yaml(recipe(tmp_path / "a", data_and_encoder, **kw)))
+    without = training.train(training.TrainConfig.from_yaml(recipe(tmp_path / "c", data_and_encoder,
+                                                                   **{**kw, "lora": LORA})))  # fmt: skip
+    assert straight.history[0][1] == without.history[0][1]  # B = 0 at the start: dropout changes nothing yet
+    assert straight.history[-1][1] != without.history[-1][1]  # then it does: the masks are applied in training
     path = recipe(tmp_path / "b", data_and_encoder, **kw)
-    training.train(training.TrainConfig.from_yaml(path), stop_after=4)
+    training.train(training.TrainConfig.from_yaml(path), stop_after=2)
     resumed = training.train(training.TrainConfig.from_yaml(path))
     for a, b in zip(straight.params, resumed.params):
         assert np.array_equal(a.asnumpy(), b.asnumpy()), a.name
@@ -94,6 +81,24 @@ def test_fp16_lora_keeps_the_frozen_base_in_fp16(tmp_path, data_and_encoder, bas
     assert all(p.dtype == ms.float32 for p in trainer.params)  # adapter, its moments and EMA in fp32
     assert {p.dtype for n, p in model.parameters_and_names() if ".adapters." not in n} == {ms.float16}
     assert all(np.isfinite(loss) for _, loss, _ in trainer.history)
+
+
+def test_dropout_masks_are_a_function_of_the_clock(pynative):
+    """The masks: deterministic, independent across clocks and adapters, active in training mode only."""
+    clock = ms.Parameter(ms.Tensor(3.0), requires_grad=False)
+    masks = [lora.keep_mask((4, 50, 64), clock, salt, 0.25).asnumpy() for salt in (0.0, 0.0, 1.0)]
+    assert np.array_equal(masks[0], masks[1]) and not np.array_equal(masks[0], masks[2])
+    assert abs(masks[0].mean() - 0.75) < 0.01 and set(np.unique(masks[0])) == {0.0, 1.0}
+    clock.set_data(ms.Tensor(4.0))
+    other = lora.keep_mask((4, 50, 64), clock, 0.0, 0.25).asnumpy()
+    assert 0.5 < (other == masks[0]).mean() < 0.7  # independent masks agree on 0.75^2 + 0.25^2 of the elements
+    adapter = lora.Adapter(64, 8, 2, 1.0, dropout=0.25, clock=clock)
+    adapter.lora_B.set_data(ms.Tensor(np.ones((8, 2), np.float32)))
+    x = ms.Tensor(np.ones((4, 50, 64), np.float32))
+    eval_out = adapter(x).asnumpy()
+    adapter.set_train(True)
+    train_out = adapter(x).asnumpy()
+    assert not np.allclose(eval_out, train_out) and np.allclose(eval_out, adapter.set_train(False)(x).asnumpy())
 
 
 @pytest.mark.parametrize("change, message", [

@@ -248,21 +248,24 @@ def test_lr_schedule():
     assert training.lr_at(cfg, 110) == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("zero_stage, features", [(0, "cached"), (1, "cached"), (0, "online")])
-def test_msrun_data_parallel_matches_single_process(tmp_path, data_and_encoder, zero_stage, features):
+@pytest.mark.parametrize("zero_stage, features, lora", [(0, "cached", False), (1, "cached", False),
+                                                        (0, "online", False), (0, "cached", True)])  # fmt: skip
+def test_msrun_data_parallel_matches_single_process(tmp_path, data_and_encoder, base, zero_stage, features, lora):
     """2 CPU workers (mccl) with 1 sample each, stopped half-way and resumed == one process with the global batch of 2
     run straight: the same samples in the same order (each epoch: every sample once, on one rank), the same losses
     and weights. Cached: the ranks extract the feature store together (one part each); online: rank 0 scans the
     images, the other reads its scan. With ZeRO stage 1 each rank holds half of AdamW's moments (sharded state through
-    the checkpoint)."""
+    the checkpoint). LoRA: the same for a fine-tune of the adapter only."""
     import socket
     import subprocess
     import sys
 
     from safetensors.numpy import load_file
 
+    # no LoRA dropout: its masks follow the micro-batch on each rank, which a single process cannot reproduce
+    lora_kw = {"init": base[0], "lora": {"rank": 2, "alpha": 2}} if lora else {}
     path = recipe(tmp_path, data_and_encoder, steps=4, batch_size=1, save_every=2, zero_stage=zero_stage,
-                  features=features, max_caption_tokens=32)  # fmt: skip
+                  features=features, max_caption_tokens=32, **lora_kw)  # fmt: skip
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

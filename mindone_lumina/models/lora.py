@@ -76,22 +76,44 @@ def scaling(alpha: float, rank: int, rslora: bool = False) -> float:
 
 
 class Adapter(nn.Cell):
-    """``scale * B A dropout(x)``; ``scale`` is a graph constant (set before the first call)."""
+    """``scale * B A dropout(x)``; ``scale`` is a graph constant (set before the first call).
 
-    def __init__(self, in_dim: int, out_dim: int, rank: int, scale: float, dropout: float = 0.0):
+    Dropout (in training mode only) draws its keep-mask as a pure function of the element, the adapter and a shared
+    ``clock`` Parameter that the trainer sets to the micro-batch index in each step, so a resumed run draws the
+    masks a straight run draws (a stateful RNG restarts its stream on resume; MindSpore 2.10 has no CPU kernel that
+    takes a generator state)."""
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int, scale: float, dropout: float = 0.0, clock=None,
+                 salt: float = 0.0):  # fmt: skip
         super().__init__()
         # peft's init: A as nn.Linear's default (kaiming_uniform a=sqrt(5): U(+-1/sqrt(in))), B zero: starts at W
         self.lora_A = Parameter(initializer(HeUniform(math.sqrt(5)), (rank, in_dim)), name="lora_A")
         self.lora_B = Parameter(Tensor(np.zeros((out_dim, rank), np.float32)), name="lora_B")
         self.scale = float(scale)
-        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
+        self.dropout, self.salt = float(dropout), float(salt)
+        if dropout > 0:
+            assert clock is not None, "dropout needs the model's clock"
+            self.clock = clock
 
     def construct(self, x):
-        if self.dropout is not None:
-            x = self.dropout(x)
+        if self.dropout > 0 and self.training:
+            x = x * (keep_mask(x.shape, self.clock, self.salt, self.dropout) / (1.0 - self.dropout)).astype(x.dtype)
         # weights in the input's dtype: mixed precision (Cell.to_float) casts the inputs of Cells, not these
         h = ops.dense(x, self.lora_A.astype(x.dtype))  # (..., r)
         return ops.dense(h, self.lora_B.astype(x.dtype)) * self.scale  # (..., out)
+
+
+def keep_mask(shape: tuple, clock, salt: float, p: float):
+    """A float {0, 1} mask of ``shape`` keeping each element with probability 1 - p: a sine hash of (row, column,
+    clock, salt), the same for the same arguments on every run (rows: all leading axes flattened)."""
+    rows = 1
+    for n in shape[:-1]:
+        rows *= n
+    a = ops.arange(rows, dtype=ms.float32).reshape(-1, 1)  # (rows, 1)
+    b = ops.arange(shape[-1], dtype=ms.float32).reshape(1, -1)  # (1, cols)
+    phase = ops.sin(clock.astype(ms.float32) * 0.61803398 + salt) * 1e3  # per step and adapter, kept small
+    h = ops.sin(ops.remainder(a * 12.9898 + phase, 6283.1853) + b * 78.233) * 43758.5453
+    return ((h - ops.floor(h)) >= p).astype(ms.float32).reshape(shape)
 
 
 class LoRADense(nn.Cell):
@@ -175,14 +197,15 @@ def attach(model: nn.Cell, name: str, ranks: dict, scales: dict, dropout: float 
     if any(name in layer.names for layer in layers.values()):
         raise ValueError(f"the model already has an adapter named {name!r}")
     cells = dict(model.cells_and_names())
-    for path, rank in ranks.items():
+    clock = Parameter(Tensor(0.0, ms.float32), name="lora_clock", requires_grad=False) if dropout > 0 else None
+    for salt, (path, rank) in enumerate(ranks.items()):
         layer = layers.get(path)
         if layer is None:
             if not isinstance(cells.get(path), nn.Dense):
                 raise ValueError(f"adapter {name!r}: the model has no linear layer {path!r}")
             layer = LoRADense(cells[path])
             _replace(model, path, layer)
-        layer.adapters.append(Adapter(layer.in_dim, layer.out_dim, rank, scales[path], dropout))
+        layer.adapters.append(Adapter(layer.in_dim, layer.out_dim, rank, scales[path], dropout, clock, salt))
         layer.names.append(name)
     _changed(model)
 
@@ -195,8 +218,15 @@ def add_adapter(model: nn.Cell, cfg: LoRAConfig, name: str = "default") -> list:
         raise ValueError(f"lora targets {list(cfg.targets)} match no linear layer of this model")
     attach(model, name, dict.fromkeys(paths, cfg.rank), dict.fromkeys(paths, cfg.scaling), cfg.dropout)
     for path, p in model.parameters_and_names():
-        p.requires_grad = ".adapters." in path
+        p.requires_grad = path.endswith((".lora_A", ".lora_B"))
     return paths
+
+
+def dropout_clock(model: nn.Cell):
+    """The Parameter the adapters' dropout masks follow (None without dropout). The trainer assigns it the
+    micro-batch index x world + rank inside the step graph (``FlowMatchingLoss``): ``set_data`` between calls does
+    not reach a graph compiled by ``ms.jit`` (measured)."""
+    return next((c.clock for _, c in model.cells_and_names() if isinstance(c, Adapter) and c.dropout > 0), None)
 
 
 def adapter_state(model: nn.Cell, name: str = "default") -> dict:

@@ -113,19 +113,21 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, log=print, stop_after
     log(f"skipped data: {skipped or 'none'}")
     ms.set_seed(cfg.seed)  # here: the initial weights do not depend on what the loaders above drew
     model = build_model(cfg, samples.cap_dim)
-    trainer = Trainer(FlowMatchingLoss(model), cfg, world)
+    clock = lora.dropout_clock(model)  # LoRA dropout: masks by micro-batch, so a resumed run draws the same
+    trainer = Trainer(FlowMatchingLoss(model, clock), cfg, world)
     tables = {}  # RoPE inputs per latent size
     failed = {"count": 0}  # images unreadable when a batch read them (after the scan), this rank
 
     def batches(first: int, last: int):
         stream = loader.batches(samples, cfg, first, last, rank, world, cfg.loader_workers)
-        for x1, x0, t, feats, mask, idx, bad in stream:
+        for micro, (x1, x0, t, feats, mask, idx, bad) in enumerate(stream, start=first):
             if bad:
                 failed["count"] += bad
                 log(f"{bad} image(s) of micro-batch {idx.tolist()} could not be read: replaced within the batch")
             if x1.shape[2:] not in tables:
                 tables[x1.shape[2:]] = nextdit.rope_inputs(model.cfg, x1.shape[2], x1.shape[3], 1.0)
-            yield (*map(Tensor, (x1, x0, t, feats, mask)), *tables[x1.shape[2:]]), idx
+            tick = () if clock is None else (Tensor(float(micro * world + rank), ms.float32),)
+            yield (*map(Tensor, (x1, x0, t, feats, mask)), *tables[x1.shape[2:]], *tick), idx
 
     def data_state() -> dict:
         return {"skipped_data": skipped, "unreadable_in_training": failed["count"]}

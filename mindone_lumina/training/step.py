@@ -16,13 +16,17 @@ from .recipe import Recipe
 
 
 class FlowMatchingLoss(nn.Cell):
-    """Velocity MSE on ``x_t = t x1 + (1 - t) x0`` (per-sample mean, then batch mean)."""
+    """Velocity MSE on ``x_t = t x1 + (1 - t) x0`` (per-sample mean, then batch mean). ``clock``: a Parameter the
+    model's random masks follow (``models.lora.dropout_clock``), assigned from the batch's ``clock`` input."""
 
-    def __init__(self, model):
+    def __init__(self, model, clock=None):
         super().__init__()
         self.model = model
+        self.clock = clock
 
-    def construct(self, x1, x0, t, cap_feats, cap_mask, cos, sin, gain):
+    def construct(self, x1, x0, t, cap_feats, cap_mask, cos, sin, gain, clock=None):
+        if clock is not None:
+            ops.assign(self.clock, clock)
         tt = t.reshape(-1, 1, 1, 1)
         xt = tt * x1 + (1.0 - tt) * x0
         v = self.model(xt, t, cap_feats, cap_mask, cos, sin, gain)
@@ -134,6 +138,7 @@ class Trainer(nn.Cell):
         if cfg.precision != "fp32":
             model.to_float(ms_dtype(cfg.precision))
         self.loss = loss
+        loss.set_train(True)  # training-mode layers (a LoRA adapter's dropout)
         params = [p for _, p in named]
         self.params = ParameterTuple(params)
         # the learning rate of the current step (``step`` assigns it); the optimizer reads it through a schedule Cell,
