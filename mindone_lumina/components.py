@@ -13,14 +13,17 @@ import mindspore as ms
 from . import backend
 from .io.diffusers_io import WEIGHTS_NAME, component_config, transformer_config, vae_config, vae_folder
 from .io.diffusers_io import text_encoder_config as read_text_encoder_config
+from .models import lora
 from .models.vae import AutoencoderKL
 from .text import tokenizers
+from .weights import lora as lora_files
 from .weights.checkpoints import open_checkpoint
 from .weights.decoder import load_decoder
 from .weights.flagdit import FLAGDIT
-from .weights.load import empty, load_specs, param_shapes
+from .weights.load import cell_specs, empty, load_specs, param_shapes
 from .weights.nextdit import NEXTDIT
 from .weights.rules import convert_tensors
+from .weights.tensors import TensorSpec
 
 
 def transformer_path(path: str) -> str:
@@ -59,6 +62,35 @@ def dit_config(path: str, arch=None, ema=False):
 def build_transformer(family, cfg, specs, dtype=ms.float32, what: str = "transformer"):
     backend.check_dtype_supported(dtype)
     return load_specs(empty(family.model, cfg), specs, what, dtype)
+
+
+def merge_loras(family, cfg, specs, loras) -> tuple:
+    """(config, specs, adapter words) of a transformer with LoRA adapters ``loras`` ((folder, scale), ...) merged
+    into its weights: built in fp32, merged once, each tensor written in its source dtype (a cross-attention query
+    that an adapter untied takes the query's). Peak memory: the model in fp32 plus the adapters."""
+    model = build_transformer(family, cfg, specs, ms.float32)
+    words = set()
+    for path, scale in loras:
+        words |= set(lora_files.apply_adapter(model, path, scale).vocabulary or ())
+    lora.merge(model)
+    dtypes = {s.name: s.dtype for s in specs}
+    for name in [n for n in param_shapes(model) if n not in dtypes]:  # wq_y, qy_norm: as the query they copy
+        dtypes[name] = dtypes[name.replace(".wq_y.", ".wq.").replace(".qy_norm.", ".q_norm.")]
+    merged = [TensorSpec(s.name, s.shape, dtypes[s.name], s.fetch) for s in cell_specs(model)]
+    return model.cfg, merged, words
+
+
+def empty_transformer(cfg):
+    """A Next-DiT or Flag-DiT of ``cfg`` with no parameter memory (for checks of names and shapes)."""
+    return empty((NEXTDIT if isinstance(cfg, NEXTDIT.config) else FLAGDIT).model, cfg)
+
+
+def check_loras(loras, transformer_cfg) -> None:
+    """Each LoRA folder ((folder, scale), ...) fits the transformer ``transformer_cfg`` describes: file names and
+    headers checked against an unallocated model, so a wrong adapter fails before anything is loaded."""
+    model = empty_transformer(transformer_cfg)
+    for path, scale in loras:
+        lora_files.plan_adapter(model, path, scale)
 
 
 def load_transformer(path: str, dtype=ms.float32, arch=None, ema: bool = False):

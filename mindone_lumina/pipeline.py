@@ -33,11 +33,12 @@ from mindspore import Tensor
 from . import backend, components, sampling
 from .dtypes import ms_dtype
 from .io import diffusers_io
-from .models import context_drop, flagdit, nextdit
+from .models import context_drop, flagdit, lora, nextdit
 from .models import vae as vae_lib
 from .sampling import SampleSettings
 from .text import gemma, llama
 from .text.tokenizers import words
+from .weights import lora as lora_files
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes-demo")
 LATENT_CHANNELS_GUIDED = 3  # the original guides latent channels 0-2 only (see sampling.combine_guidance)
@@ -317,6 +318,32 @@ class TextToImagePipeline:
         return latents
 
     # --------------------------------------------------------------------------------------------------------------
+    def load_lora(self, path: str, scale: float = 1.0, name: str | None = None) -> None:
+        """Add a LoRA adapter (a peft folder: ``weights/lora.py``) to the transformer with ``scale`` times its own
+        scaling; several adapters add up, each with its scale. Checked at once (names and shapes from the headers);
+        a ``Lazy`` transformer gets it when it loads. The words the adapter was trained on join ``vocabulary``."""
+        if isinstance(self.transformer, Lazy):
+            part, previous = self.transformer, self.transformer.load
+
+            def load():
+                model = previous()
+                lora_files.apply_adapter(model, path, scale, name)
+                return model
+
+            self.transformer = Lazy(part.cfg, load, part.what)
+            plan_words = lora_files.plan_adapter(components.empty_transformer(part.cfg), path).vocabulary
+        else:
+            plan_words = lora_files.apply_adapter(self.transformer, path, scale, name).vocabulary
+            self._shared = None  # the shared-block runner compiled the model without it
+        if self.vocabulary is not None and plan_words:
+            self.vocabulary = self.vocabulary | frozenset(plan_words)
+
+    def unload_lora(self) -> None:
+        """Remove every adapter: the transformer's weights are the base's, bit for bit."""
+        if not isinstance(self.transformer, Lazy):
+            lora.unload(self.transformer)
+            self._shared = None
+
     @classmethod
     def from_pretrained(cls, source: str, dtype: str = "fp32", text_encoder: str | None = None, vae: str | None = None,
                         offload: bool | None = None):  # fmt: skip

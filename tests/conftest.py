@@ -12,8 +12,11 @@ from PIL import Image
 import mindspore as ms
 
 from mindone_lumina import parity, sampling
+from mindone_lumina.models import nextdit
 from mindone_lumina.parity import randomize_torch_  # noqa: F401  (the tests import it from here)
 from mindone_lumina.tolerances import BUDGETS  # noqa: F401  (the tests import it from here)
+from mindone_lumina.weights.load import cell_specs
+from mindone_lumina.weights.nextdit import NEXTDIT
 
 ms.set_device("CPU")
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -119,3 +122,18 @@ def recipe(tmp_path, data_and_encoder, **kw):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """(path, weights) of a Next-DiT of the TINY recipe with random non-zero weights (a trained model's adaLN and
+    output layers are not zero, so every LoRA adapter gets gradients), saved as the project's safetensors."""
+    cfg = nextdit.resolve_config(TINY)
+    model = nextdit.NextDiT(cfg)
+    rng = np.random.default_rng(0)
+    for name, p in model.parameters_and_names():  # norms near 1, the rest near 0
+        value = rng.standard_normal(p.shape).astype(np.float32) * 0.1 + (1.0 if "norm" in name else 0.0)
+        p.set_data(ms.Tensor(value))
+    path = str(tmp_path_factory.mktemp("base") / "base.safetensors")
+    NEXTDIT.write(cell_specs(model), cfg, path)
+    return path, {n: p.asnumpy() for n, p in model.parameters_and_names()}

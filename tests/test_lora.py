@@ -250,3 +250,53 @@ def test_missing_adapter_files_and_config_errors(tmp_path):
         lora.LoRAConfig(targets=("attention", "mlp"))
     assert dataclasses.replace(lora.LoRAConfig(rank=4, alpha=8, rslora=True)).scaling == 4.0
     assert not os.listdir(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The command lines: tools/sample.py --lora, tools/convert.py --merge-lora, on the bundled model
+# ------------------------------------------------------------------------------------------------------------------
+def _bundled_adapter(folder: str) -> None:
+    from mindone_lumina import components
+    from mindone_lumina.pipeline import DEFAULT_MODEL
+
+    model = components.load_transformer(os.path.join(DEFAULT_MODEL, "transformer"))
+    lora.add_adapter(model, lora.LoRAConfig(rank=2, alpha=2, targets=("attention", "feed_forward")))
+    rng = np.random.default_rng(0)
+    for p in lora.adapter_state(model).values():
+        p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.2))
+    lora_files.save_adapter(model, folder, vocabulary=["hexagon"])
+
+
+def test_sample_with_lora_and_convert_merge_lora(tmp_path, capsys, caplog):
+    from conftest import load_tool
+
+    from mindone_lumina import cli
+    from mindone_lumina.pipeline import DEFAULT_MODEL
+
+    sample, convert = load_tool("sample"), load_tool("convert")
+    adapter = str(tmp_path / "adapter")
+    _bundled_adapter(adapter)
+    fast = ["--steps", "3", "--solver", "euler", "--mode", "pynative", "--prompt", "a red hexagon on blue"]
+
+    def latents(name, *extra):
+        with pytest.raises(SystemExit) as done:
+            cli.run(sample.main, [*fast, "--out", str(tmp_path / name), "--save-latents", str(tmp_path / name) +
+                                  ".npz", *extra])  # fmt: skip
+        assert done.value.code == 0, capsys.readouterr().err
+        return np.load(str(tmp_path / name) + ".npz")["latents"]
+
+    plain = latents("plain")
+    assert "never saw the word(s) 'hexagon'" in caplog.text  # the bundled model's closed vocabulary
+    caplog.clear()
+    adapted = latents("lora", "--lora", adapter, "--lora-scale", "0.8")
+    assert "hexagon" not in caplog.text  # the adapter's words join the vocabulary
+    assert rel_err(adapted, plain) > 1e-2
+    assert np.array_equal(latents("zero", "--lora", adapter, "--lora-scale", "0"), plain)  # scale 0: exactly the base
+    with pytest.raises(SystemExit) as done:
+        cli.run(convert.main, [DEFAULT_MODEL, str(tmp_path / "merged"), "--to", "diffusers", "--merge-lora", adapter,
+                               "--lora-scale", "0.8"])  # fmt: skip
+    assert done.value.code == 0 and "1 LoRA adapter(s) merged" in capsys.readouterr().out
+    merged = latents("merged-run", "--model", str(tmp_path / "merged"))
+    assert rel_err(merged, adapted) <= 1e-5
+    settings = json.loads((tmp_path / "merged" / "mindone_lumina.json").read_text())
+    assert "hexagon" in settings["vocabulary"]

@@ -2,6 +2,7 @@
 
     python tools/convert.py SRC OUT [--arch PRESET_OR_JSON] [--dtype keep|fp32|fp16|bf16] [--ema]
         [--to mindspore|original|diffusers] [--verify] [--force] [--allow-inexact-merge]
+        [--merge-lora ADAPTER [--lora-scale S]]...
 
 SRC: a ``consolidated[_ema].NN-of-MM.{safetensors,pth}`` file or folder (model-parallel ranks are merged), a diffusers
 pipeline or ``transformer/`` folder (single or sharded, fp32 or bf16), or a project safetensors file. A Lumina-T2I
@@ -12,6 +13,13 @@ diffusers Flag-DiT). OUT: a ``.safetensors`` file for ``--to mindspore``; a fold
 mindone-lumina 0.1), tensors bit-identical. ``.pth`` files are read without torch and without running pickle code.
 Strict: any missing, unexpected or mis-shaped key is an error. ``--verify`` re-reads the output and compares every
 tensor with its source, bit for bit.
+
+``--merge-lora`` folds LoRA adapters (peft folders; repeat the flag for several, each with its ``--lora-scale``) into
+the weights, ``W + sum s B A`` computed in fp32, for deployment with no extra cost per step: the model is built in
+fp32 to merge (peak memory: the model in fp32), each tensor written in its source dtype (or ``--dtype``). An adapter
+that changes the self- and cross-attention queries differently gives a model with separate queries (diffusers
+layout). With a pipeline folder SRC and ``--to diffusers`` the whole pipeline is written, the transformer merged and
+the adapters' words added to its vocabulary. ``--verify`` then compares the written tensors with the merged ones.
 """
 
 import os
@@ -21,6 +29,7 @@ from tqdm import tqdm
 
 from mindone_lumina import cli, components
 from mindone_lumina.io import diffusers_io
+from mindone_lumina.weights import lora as lora_files
 from mindone_lumina.weights.nextdit import NEXTDIT
 from mindone_lumina.weights.safetensors import verify_safetensors
 from mindone_lumina.weights.tensors import CASTS
@@ -41,7 +50,26 @@ def parser():
     p.add_argument(
         "--allow-inexact-merge", action="store_true", help="merge model-parallel ranks despite per-rank qk norms"
     )
+    p.add_argument("--merge-lora", action="append", metavar="ADAPTER", help="a LoRA adapter folder to merge into the "
+                   "weights; repeat for several (default: none)")  # fmt: skip
+    p.add_argument("--lora-scale", action="append", type=float, metavar="S", help="scale of each --merge-lora, in "
+                   "order; one value applies to all (default: 1)")  # fmt: skip
     return p
+
+
+def read_loras(args) -> list:
+    """[(folder, scale), ...] of --merge-lora / --lora-scale, each folder's files checked."""
+    paths, scales = args.merge_lora or [], args.lora_scale or []
+    if scales and not paths:
+        raise ValueError("--lora-scale given without --merge-lora")
+    if len(scales) not in (0, 1, len(paths)):
+        raise ValueError(f"--lora-scale: give one scale for all or one per --merge-lora ({len(paths)}), got "
+                         f"{len(scales)}")  # fmt: skip
+    scales = scales * len(paths) if len(scales) == 1 else scales or [1.0] * len(paths)
+    for path in paths:
+        cli.existing(path, "--merge-lora", "folder")
+        lora_files.check_folder(path)
+    return list(zip(paths, scales))
 
 
 def check_paths(args) -> None:
@@ -60,13 +88,18 @@ def check_paths(args) -> None:
 def main(argv=None):
     args = parser().parse_args(argv)
     check_paths(args)
+    loras = read_loras(args)
     if diffusers_io.is_pipeline(args.src) and args.to == "diffusers":
-        folder = diffusers_io.rewrite_pipeline(args.src, args.out)
-        print(f"wrote {folder.describe()}")
+        folder = diffusers_io.rewrite_pipeline(args.src, args.out, merge=_merger(loras) if loras else None)
+        print(f"wrote {folder.describe()}" + (f" with {len(loras)} LoRA adapter(s) merged" if loras else ""))
         return
     family, cfg, specs = components.transformer_plan(
         args.src, args.arch, args.ema, args.dtype, args.allow_inexact_merge
     )
+    if loras:
+        components.check_loras(loras, cfg)  # names and shapes, before the model is built
+        cfg, specs, _ = components.merge_loras(family, cfg, specs, loras)
+        print(f"merged {len(loras)} LoRA adapter(s): " + ", ".join(f"{p} x {s:g}" for p, s in loras))
     if args.to == "diffusers" and family is not NEXTDIT:
         raise ValueError(
             f"{family.name} converts to mindspore or original, not diffusers (there is no diffusers {family.name})"
@@ -85,6 +118,14 @@ def main(argv=None):
     if args.verify:
         verify_safetensors(path, written)
         print(f"verified {len(written)} tensors of {path} against {args.src}: bit-identical")
+
+
+def _merger(loras):
+    def merge(family, cfg, specs):
+        components.check_loras(loras, cfg)
+        return components.merge_loras(family, cfg, specs, loras)
+
+    return merge
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python tools/sample.py --prompt "a red circle on a blue background"            # the bundled default model
     python tools/sample.py --model DIR --prompt "..." --resolution 1024x1024 --steps 30 --solver midpoint --cfg 4
+    python tools/sample.py --lora runs/hexagon-lora/adapter --lora-scale 1.0 --prompt "a red hexagon on blue"
 
 ``--model`` is a pipeline folder (the diffusers layout, or the project's 0.1 layout), an original Lumina-T2X
 checkpoint (with ``--text-encoder`` and ``--vae``), or a hub id. Sampling flags left out take the model's defaults
@@ -30,6 +31,7 @@ import mindspore as ms
 from mindone_lumina import cli, sampling
 from mindone_lumina.atomic import atomic_path
 from mindone_lumina.pipeline import DEFAULT_MODEL, SampleSettings, TextToImagePipeline, size_factors
+from mindone_lumina.weights import lora as lora_files
 
 # flag -> SampleSettings field, for the sampling flags that default to the model's own settings
 SAMPLING_FLAGS = {"steps": "num_steps", "solver": "solver", "schedule": "schedule", "shift": "shift",
@@ -84,6 +86,15 @@ def parser():
         "--model: Gemma (Lumina-Next) or LLaMA-2 (Lumina-T2I); --gemma is the old name (default: the --model "
         "folder's)")  # fmt: skip
     add("--vae", help="SDXL-VAE folder for an original-format --model (default: the --model folder's)")
+    add(
+        "--lora",
+        action="append",
+        metavar="PATH",
+        help="a LoRA adapter folder (peft's adapter_model.safetensors + "
+        "adapter_config.json, e.g. an export of tools/train.py with lora:); repeat for several (default: none)",
+    )
+    add("--lora-scale", action="append", type=float, metavar="S", help="scale of each --lora, in order; one value "
+        "applies to all (default: 1)")  # fmt: skip
     add("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights and compute dtype")
     add("--offload", choices=["auto", "on", "off"], default="auto", help="load the text encoder and VAE only while "
         "they are used (default: auto, on for big models on CPU)")  # fmt: skip
@@ -172,6 +183,20 @@ def read_latents(path: str | None):
     return arrays["latents"]
 
 
+def read_loras(args) -> list:
+    """[(folder, scale), ...] of --lora / --lora-scale, each folder's files checked."""
+    paths, scales = args.lora or [], args.lora_scale or []
+    if scales and not paths:
+        raise ValueError("--lora-scale given without --lora")
+    if len(scales) not in (0, 1, len(paths)):
+        raise ValueError(f"--lora-scale: give one scale for all or one per --lora ({len(paths)}), got {len(scales)}")
+    scales = scales * len(paths) if len(scales) == 1 else scales or [1.0] * len(paths)
+    for path in paths:
+        cli.existing(path, "--lora", "folder")
+        lora_files.check_folder(path)
+    return list(zip(paths, scales))
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
     if args.verbose:
@@ -187,16 +212,20 @@ def main(argv=None):
     SampleSettings(**overrides).validate(1)  # what the flags' types did not check
     single = check_outputs(args, len(prompts))
     latents = read_latents(args.latents)
+    loras = read_loras(args)
     overrides |= check_model(args)  # the last check: it reads the model's config files
     ms.set_device(args.device)
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     offload = {"auto": None, "on": True, "off": False}[args.offload]
     pipe = TextToImagePipeline.from_pretrained(args.model, args.dtype, args.text_encoder, args.vae, offload)
+    for path, scale in loras:
+        pipe.load_lora(path, scale)
     settings = dataclasses.replace(pipe.defaults, **overrides)
     settings.validate(pipe.size_multiple)  # a hub id's sizes: before any sampling
     result = pipe(prompts, args.negative_prompt, seed=args.seed, latents=latents, settings=settings)
     run_info = {"negative_prompt": args.negative_prompt, "seed": args.seed, "model": args.model, "dtype": args.dtype,
-                "text_encoder": args.text_encoder, "vae": args.vae, "latents": args.latents}  # fmt: skip
+                "text_encoder": args.text_encoder, "vae": args.vae, "latents": args.latents,
+                "lora": [{"path": p, "scale": sc} for p, sc in loras] or None}  # fmt: skip
     for i, (prompt, image) in enumerate(zip(prompts, result.images)):
         path = single or os.path.join(args.out, f"{i:03d}_{cli.slug(prompt)}_seed{args.seed}.png")
         info = {"prompt": prompt, **{k: v for k, v in run_info.items() if v is not None},

@@ -278,11 +278,17 @@ def save_pipeline(folder: str, settings: ProjectSettings, transformer, text_enco
             })  # fmt: skip
 
 
-def rewrite_pipeline(source: str, folder: str) -> PipelineFolder:
+def rewrite_pipeline(source: str, folder: str, merge=None) -> PipelineFolder:
     """Any readable pipeline folder (e.g. the 0.1 layout) rewritten in the diffusers layout, tensors bit-identical:
-    the transformer streamed from its file, the other components copied."""
+    the transformer streamed from its file, the other components copied. ``merge(family, cfg, specs) -> (cfg, specs,
+    words)`` changes the transformer (LoRA adapters merged); its words join a closed vocabulary."""
     src = read_pipeline(source)
     cfg, specs = NEXTDIT.plan(src.part("transformer"), component_config(src.part("transformer"), transformer_config))
-    save_pipeline(folder, src.settings, (specs, cfg), src.part("text_encoder"), src.part("tokenizer"),
+    settings = src.settings
+    if merge is not None:
+        cfg, specs, words = merge(NEXTDIT, cfg, specs)
+        if settings.vocabulary is not None and words:
+            settings = dataclasses.replace(settings, vocabulary=sorted(set(settings.vocabulary) | set(words)))
+    save_pipeline(folder, settings, (specs, cfg), src.part("text_encoder"), src.part("tokenizer"),
                   src.part("vae") if src.has_vae else None)  # fmt: skip
     return read_pipeline(folder)

@@ -150,6 +150,12 @@ class AdapterPlan:
     vocabulary: tuple | None
 
 
+def check_folder(path: str) -> dict:
+    """The config of the adapter folder ``path`` once its files are found and its config is one this loader reads
+    (before any model is loaded; ``plan_adapter`` checks names and shapes against a model)."""
+    return read_config(_files(path)[1])
+
+
 def plan_adapter(model, path: str, scale: float = 1.0) -> AdapterPlan:
     """Read and check an adapter folder (names and headers only; tensors are read when fetched)."""
     weights, config_path = _files(path)
