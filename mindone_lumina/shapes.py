@@ -8,6 +8,13 @@ position, size, position, both) and in several phrasings and word orders each ("
 not memorisation.
 
 ``caption(scene)`` without an ``rng`` is the canonical long caption; ``render`` without one draws no layout jitter.
+
+New concepts (``NEW_SHAPES``: the hexagon) are shapes the default model never saw, for a fine-tune (LoRA) to teach it.
+They stay out of ``SHAPES``, ``TRIPLES``, ``HELDOUT`` and the scene lists above, so the default model's training data
+and evaluation are unchanged. A concept has its own scenes over every (colour, background) pair of ``PAIRS``
+(``concept_scenes``) and its own held-out split: ``CONCEPT_HELDOUT`` pairs never drawn in its training scenes
+(``concept_train_scenes``), only in ``concept_heldout_scenes`` and their captions ``concept_prompts``, so the score
+measures whether the fine-tune composes the new word with known colours rather than memorising pairs.
 """
 
 import re
@@ -26,6 +33,7 @@ COLOURS = {  # pairwise RGB distance >= 190, so blur and noise do not move a pix
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+NEW_SHAPES = ("hexagon",)  # concepts the default model never saw, for fine-tunes (LoRA) to teach it
 SIZES = {"small": 0.34, "large": 0.6}  # side of the shape's box as a fraction of the image's shorter side
 POSITIONS = {  # centre of the shape's box, as fractions of the image's width and height (x, y)
     "top left": (0.3, 0.3),
@@ -36,6 +44,9 @@ POSITIONS = {  # centre of the shape's box, as fractions of the image's width an
 }
 TRIPLES = tuple((s, c, b) for s in SHAPES for c in COLOURS for b in COLOURS if c != b)  # 90 combinations
 HELDOUT = frozenset(TRIPLES[i] for i in range(3, len(TRIPLES), 7))  # 13 of 90; every word still seen in training
+PAIRS = tuple((c, b) for c in COLOURS for b in COLOURS if c != b)  # 30 (colour, background) pairs
+# 5 of 30, a concept's held-out pairs: each colour at most once as the shape's and once as the background's
+CONCEPT_HELDOUT = frozenset(PAIRS[i] for i in range(3, len(PAIRS), 6))
 # What a caption names besides colour, shape and background, and the share of each form in the training captions
 FORMS = {"plain": 0.35, "size": 0.15, "position": 0.15, "full": 0.35}
 PHRASINGS = (  # {subject}: "[size] colour shape", {where}: " in the <position>" or nothing; the first is canonical
@@ -46,6 +57,7 @@ PHRASINGS = (  # {subject}: "[size] colour shape", {where}: " in the <position>"
     "a {subject}{where} on {background}",
 )
 SIZE_JITTER, POSITION_JITTER = 0.08, 0.04  # relative side, and centre shift as a fraction of the image side
+HEXAGON_MARGIN = 0.95  # detect: a hexagon's ideal shape must fit at least 5% better than a circle's (see there)
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,7 @@ class Scene:
 
     def __post_init__(self):
         for field, value, allowed in (
-            ("shape", self.shape, SHAPES),
+            ("shape", self.shape, SHAPES + NEW_SHAPES),
             ("colour", self.colour, COLOURS),
             ("background", self.background, COLOURS),
             ("size", self.size, SIZES),
@@ -107,8 +119,15 @@ def render(scene: Scene, size: int | tuple = 32, rng: np.random.Generator | None
         draw.ellipse(box, fill=fill)
     elif scene.shape == "square":
         draw.rectangle(box, fill=fill)
-    else:
+    elif scene.shape == "triangle":
         draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
+    else:  # hexagon: flat top and bottom, as wide as the side, sqrt(3)/2 of it tall
+        dy = side * 3**0.5 / 4
+        draw.polygon(
+            [(box[0], cy), (cx - side / 4, cy - dy), (cx + side / 4, cy - dy), (box[2], cy), (cx + side / 4, cy + dy),
+             (cx - side / 4, cy + dy)],
+            fill=fill,
+        )  # fmt: skip
     return np.asarray(im.resize((width, height), Image.BOX))
 
 
@@ -136,6 +155,35 @@ def heldout_prompts(n: int, form: str, seed: int = 0) -> list:
     return [caption(scene, rng, form) for scene in heldout_scenes(n, seed)]
 
 
+def concept_scenes(shape: str, n: int, seed: int = 0, pairs=PAIRS) -> list:
+    """``n`` scenes of ``shape`` over the (colour, background) ``pairs`` (default: all), sizes and positions, drawn as
+    ``train_scenes`` draws its own."""
+    return _scenes([(shape, c, b) for c, b in pairs], n, seed)
+
+
+def _new_shape(shape: str) -> str:
+    if shape not in NEW_SHAPES:  # an old shape's held-out combinations are HELDOUT's, not CONCEPT_HELDOUT's
+        raise ValueError(f"{shape!r} is no new concept; expected one of {', '.join(NEW_SHAPES)}")
+    return shape
+
+
+def concept_train_scenes(n: int, seed: int = 0, shape: str = "hexagon") -> list:
+    """Scenes of the new ``shape`` for a fine-tune to learn it: every pair but ``CONCEPT_HELDOUT``."""
+    return concept_scenes(_new_shape(shape), n, seed, [p for p in PAIRS if p not in CONCEPT_HELDOUT])
+
+
+def concept_heldout_scenes(n: int, seed: int = 0, shape: str = "hexagon") -> list:
+    """Scenes of the new ``shape`` in the ``CONCEPT_HELDOUT`` pairs only, never in ``concept_train_scenes``."""
+    return concept_scenes(_new_shape(shape), n, seed, sorted(CONCEPT_HELDOUT))
+
+
+def concept_prompts(n: int, form: str, seed: int = 0, shape: str = "hexagon") -> list:
+    """``n`` captions of ``concept_heldout_scenes`` in caption ``form``, phrasings drawn from (seed, form) as
+    ``heldout_prompts`` draws them: the evaluation set of a fine-tune teaching ``shape``."""
+    rng = np.random.default_rng([seed, list(FORMS).index(form) if form in FORMS else -1])
+    return [caption(scene, rng, form) for scene in concept_heldout_scenes(n, seed, shape)]
+
+
 def parse_prompt(text: str) -> dict:
     """Shape, colour and background named in a prompt, plus size and position when it names them.
 
@@ -143,9 +191,10 @@ def parse_prompt(text: str) -> dict:
     colour is the nearest other colour word before the shape.
     """
     words = caption_words(text)
-    named = {w for w in words if w in SHAPES}
+    named = {w for w in words if w in SHAPES + NEW_SHAPES}
     if len(named) != 1:
-        raise ValueError(f"prompt {text!r} names {len(named)} shapes; expected exactly one of {', '.join(SHAPES)}")
+        known = ", ".join(SHAPES + NEW_SHAPES)
+        raise ValueError(f"prompt {text!r} names {len(named)} shapes; expected exactly one of {known}")
     at = words.index(named.pop())
     colours = [i for i, w in enumerate(words) if w in COLOURS]
     if "background" in words and words.index("background") - 1 in colours:
@@ -184,9 +233,30 @@ def _template(shape: str, box, hw, supersample: int = 4) -> np.ndarray:
         inside = (abs(x - cx) <= rx) & (abs(y - cy) <= ry)
     elif shape == "circle":
         inside = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
-    else:
+    elif shape == "triangle":
         inside = (y <= bottom) & (abs(x - cx) <= (y - top) / (bottom - top) * rx)
+    else:  # hexagon: corners at the middle of the left and right sides, flat top and bottom half as wide as the box
+        inside = (abs(y - cy) <= ry) & (abs(x - cx) <= rx * (1 - abs(y - cy) / ry / 2))
     return inside.reshape(hw[0], supersample, hw[1], supersample).mean((1, 3))
+
+
+def _fit_error(shape: str, alpha, blurs=tuple(np.linspace(0, 2, 21))) -> float:
+    """Squared error between the shape shares ``alpha`` and the ideal ``shape`` (circle or hexagon) of the same area
+    (its sum) centred at its centroid, blurred by whichever gaussian sigma (pixels) of ``blurs`` fits best (a 0.1 px
+    grid: a coarse one favours whichever shape its sigmas happen to suit). Area and centroid are sub-pixel and survive
+    blur, so two shapes a pixel apart in extent can be told apart."""
+    from scipy import ndimage
+
+    area = float(alpha.sum())
+    ys, xs = np.indices(alpha.shape) + 0.5
+    cy, cx = float((alpha * ys).sum()) / area, float((alpha * xs).sum()) / area
+    if shape == "circle":
+        rx = ry = np.sqrt(area / np.pi)
+    else:  # a regular hexagon of circumradius R covers 3 * sqrt(3) / 2 * R^2; flat top: R wide, sqrt(3) / 2 R tall
+        rx = np.sqrt(area / (1.5 * np.sqrt(3)))
+        ry = rx * np.sqrt(3) / 2
+    ideal = _template(shape, (cy - ry, cy + ry, cx - rx, cx + rx), alpha.shape)
+    return min(float(((ndimage.gaussian_filter(ideal, s, mode="constant") - alpha) ** 2).sum()) for s in blurs)
 
 
 def detect(image) -> dict:
@@ -197,10 +267,16 @@ def detect(image) -> dict:
     the background; its colour is the nearest named colour to its median. Geometry uses each pixel's share of shape
     colour near that region (soft, so blur and anti-aliasing move mass without losing it): a triangle's mass profile
     is skewed, a circle's and a square's are not; a square fills the rectangle of its widest row and tallest column,
-    a circle only pi/4 of it. The class is None when the region overlaps that class's ideal shape in its bounding box
-    by less than half (IoU), so a formless blob counts as a miss for every prompt. Size and position: the nearest in
-    ``SIZES`` to that side (relative to the shorter image side) and in ``POSITIONS`` to the region's bounding-box
-    centre.
+    a circle only pi/4 of it. A hexagon (``NEW_SHAPES``) passes those rules as a circle, so a circle is a hexagon when
+    an ideal hexagon of the region's mass, centred at its centroid, fits the shares at least 5% better (squared error,
+    ``HEXAGON_MARGIN``) than such a circle, each blurred as much as fits it best (``_fit_error``): only circle verdicts
+    can change, and rendered circles keep theirs clean, jittered and after a 3x3 blur with noise (a few 8 px ones
+    after a 5x5 blur with noise 16/255 do not). The aspect (0.87 against 1) would be the obvious cue, but the widest
+    rows of a hexagon are its pointed middle, which pixels and blur cut short: small ones (8-11 px wide) measure
+    0.90-0.99 clean and up to 1.06 blurred, where blurred circles go down to 0.91. The class is None when the region
+    overlaps that class's ideal shape in its bounding box by less than half (IoU), so a formless blob counts as a miss
+    for every prompt. Size and position: the nearest in ``SIZES`` to that side (relative to the shorter image side)
+    and in ``POSITIONS`` to the region's bounding-box centre.
     """
     from scipy import ndimage
 
@@ -230,6 +306,11 @@ def detect(image) -> dict:
     skew = max(abs(_skewness(rows)), abs(_skewness(cols)))  # triangle 0.57 (0.25 after a 5x5 blur), others < 0.07
     shape = "triangle" if skew > 0.15 else "circle" if fill < 0.89 else "square"
     ys, xs = np.nonzero(region)
+    if shape == "circle":  # or a hexagon, which the rules above call a circle: the closer ideal shape decides
+        top, bottom, left, right = max(ys.min() - 4, 0), ys.max() + 5, max(xs.min() - 4, 0), xs.max() + 5
+        window = alpha[top:bottom, left:right]  # all of the shape's mass, and room for a blurred template's edge
+        if _fit_error("hexagon", window) < HEXAGON_MARGIN * _fit_error("circle", window):
+            shape = "hexagon"
     ideal = _template(shape, (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1), region.shape) > 0.5
     iou = (ideal & (alpha > 0.5)).sum() / max((ideal | (alpha > 0.5)).sum(), 1)
     if iou < 0.5:  # a blob is no shape: rendered shapes score >= 0.72 clean, >= 0.52 after a 5x5 blur at 32 px

@@ -1,10 +1,15 @@
 """Write the synthetic shapes dataset: PNGs plus captions.jsonl, byte-identical for the same arguments.
 
 python tools/make_shapes_dataset.py --out data/shapes --num 4000 [--size 64] [--aspect-ratios 1,0.5,2] [--seed 0]
-    [--split train|heldout] [--variety] [--force]
+    [--split train|heldout] [--shape hexagon] [--variety] [--force]
 
 Each image is drawn at one aspect-ratio bucket of about ``size``^2 pixels (sides multiples of 8, the default
 model's token), chosen uniformly from ``--aspect-ratios`` (width / height).
+
+Without ``--shape``: the default model's data set (``shapes.train_scenes`` / ``shapes.heldout_scenes``: circles,
+squares, triangles). ``--shape hexagon``: a new concept's data set for a fine-tune to teach it, every scene of that
+shape (``shapes.concept_train_scenes``: every colour pair but ``shapes.CONCEPT_HELDOUT``; with ``--split heldout``
+``shapes.concept_heldout_scenes``: those pairs only), drawn and captioned the same way.
 """
 
 import json
@@ -27,6 +32,9 @@ def parser():
     p.add_argument("--seed", type=cli.seed, default=0, help="seed of the scenes (and of --variety's draws)")
     p.add_argument("--split", default="train", choices=["train", "heldout"],
                    help="scenes of the training combinations or the held-out ones")  # fmt: skip
+    p.add_argument("--shape", choices=shapes.NEW_SHAPES,
+                   help="a new concept's scenes, that shape only (default: the default model's circles, squares and "
+                   "triangles)")  # fmt: skip
     p.add_argument(
         "--variety",
         action="store_true",
@@ -49,14 +57,18 @@ def main(argv=None):
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
         raise ValueError(f"{args.out} exists and is not empty; pass --force to replace it")
     cli.output_folder(args.out, "--out")
-    scenes = (shapes.train_scenes if args.split == "train" else shapes.heldout_scenes)(args.num, args.seed)
+    if args.shape is None:
+        scenes = (shapes.train_scenes if args.split == "train" else shapes.heldout_scenes)(args.num, args.seed)
+    else:
+        concept = shapes.concept_train_scenes if args.split == "train" else shapes.concept_heldout_scenes
+        scenes = concept(args.num, args.seed, args.shape)
     rng = np.random.default_rng([args.seed, 1]) if args.variety else None  # a stream apart from the scenes' draws
     pick = np.random.default_rng([args.seed, 2]).integers(len(sizes), size=len(scenes))  # and apart from those
     with staged_folder(args.out, replace=args.force) as tmp, open(os.path.join(tmp, "captions.jsonl"), "w") as f:
         for i, scene in enumerate(scenes):
             Image.fromarray(shapes.render(scene, sizes[pick[i]], rng)).save(os.path.join(tmp, f"{i:05d}.png"))
             f.write(json.dumps({"image": f"{i:05d}.png", "caption": shapes.caption(scene, rng)}) + "\n")
-    print(f"wrote {len(scenes)} {args.split} images to {args.out}")
+    print(f"wrote {len(scenes)} {args.split} images{'' if args.shape is None else ' of ' + args.shape} to {args.out}")
 
 
 if __name__ == "__main__":
