@@ -283,7 +283,10 @@ class TextToImagePipeline:
             self.transformer = self.transformer.load()
         auto = backend.is_cpu() and ms.get_context("mode") == ms.GRAPH_MODE
         use_shared = self.shared_block or (self.shared_block is None and auto)
-        if not use_shared or not isinstance(self.transformer, nextdit.NextDiT):
+        shareable = isinstance(self.transformer, nextdit.NextDiT) and nextdit.SharedBlockNextDiT.supports(
+            self.transformer
+        )
+        if not use_shared or not shareable:
             return self.transformer
         if self._shared is None:
             self._shared = nextdit.SharedBlockNextDiT(self.transformer)

@@ -300,3 +300,18 @@ def test_sample_with_lora_and_convert_merge_lora(tmp_path, capsys, caplog):
     assert rel_err(merged, adapted) <= 1e-5
     settings = json.loads((tmp_path / "merged" / "mindone_lumina.json").read_text())
     assert "hexagon" in settings["vocabulary"]
+
+
+def test_shared_block_runner_runs_adapted_layers(tmp_path, mode):
+    """The CPU graph-mode runner compiles one block for every layer: with adapters it copies their structure and
+    scales; adapters whose scales differ by layer make the layers differ, and the pipeline runs the model itself."""
+    ref, model = _base()
+    _peft_adapter(ref, str(tmp_path / "a"), tied=False)
+    lora_files.apply_adapter(model, str(tmp_path / "a"), scale=0.5)
+    x, t, cap, mask = _inputs(seed=10)
+    args = (*(Tensor(a) for a in (x, t, cap, mask)), *nextdit.rope_inputs(model.cfg, 8, 12, 1.0))
+    assert nextdit.SharedBlockNextDiT.supports(model)
+    shared = nextdit.SharedBlockNextDiT(model)(*args).asnumpy()
+    assert rel_err(shared, model(*args).asnumpy()) <= 1e-6
+    lora.lora_layers(model)["layers.1.attention.wk"].adapters[0].scale = 0.25
+    assert not nextdit.SharedBlockNextDiT.supports(model)

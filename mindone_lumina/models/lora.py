@@ -252,19 +252,39 @@ def untie_query(model: nn.Cell) -> None:
     """Give every block's cross-attention its own query (``wq_y``, ``qy_norm``) as copies of the shared one, for an
     adapter that changes the two differently (diffusers' ``attn1.to_q`` and ``attn2.to_q``). ``unload`` ties again."""
     for block in model.layers:
-        att = block.attention
-        if att.separate:
-            continue
-        query = att.wq.plain() if isinstance(att.wq, LoRADense) else att.wq
-        att.wq_y = linear(query.in_channels, query.out_channels, bias=False)
-        att.wq_y.weight.set_data(query.weight.value().copy())
-        if att.qk_norm:
-            att.qy_norm = LayerNorm(query.out_channels)
-            att.qy_norm.weight.set_data(att.q_norm.weight.value().copy())
-            att.qy_norm.bias.set_data(att.q_norm.bias.value().copy())
-        att.separate = True
-        object.__setattr__(att, "untied_by_lora", True)
+        _untie(block.attention)
     _changed(model)
+
+
+def _untie(att) -> None:
+    if att.separate:
+        return
+    query = att.wq.plain() if isinstance(att.wq, LoRADense) else att.wq
+    att.wq_y = linear(query.in_channels, query.out_channels, bias=False)
+    att.wq_y.weight.set_data(query.weight.value().copy())
+    if att.qk_norm:
+        att.qy_norm = LayerNorm(query.out_channels)
+        att.qy_norm.weight.set_data(att.q_norm.weight.value().copy())
+        att.qy_norm.bias.set_data(att.q_norm.bias.value().copy())
+    att.separate = True
+    object.__setattr__(att, "untied_by_lora", True)
+
+
+def mirror(target: nn.Cell, source: nn.Cell) -> nn.Cell:
+    """``target``, a fresh block of ``source``'s architecture, given ``source``'s adapters (layers, ranks, scales)
+    and untied query, with initial values: a graph template whose weights are bound later (the shared-block
+    runner)."""
+    if getattr(source.attention, "untied_by_lora", False):
+        _untie(target.attention)
+    ranks, scales = {}, {}  # adapter name -> layer path -> rank / scale
+    for path, layer in lora_layers(source).items():
+        for name, adapter in zip(layer.names, layer.adapters):
+            ranks.setdefault(name, {})[path] = adapter.lora_A.shape[0]
+            scales.setdefault(name, {})[path] = adapter.scale
+    for name in ranks:
+        attach(target, name, ranks[name], scales[name])
+    _changed(target)
+    return target
 
 
 def _retie(model: nn.Cell) -> None:

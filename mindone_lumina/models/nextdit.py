@@ -25,7 +25,7 @@ import mindspore as ms
 from mindspore import Tensor, mint, nn
 
 from .. import rope
-from . import dit_blocks
+from . import dit_blocks, lora
 from .dit_blocks import Attention, CheckedInputs, DiTShape, FeedForward
 from .layers import RMSNorm, cast_parameters, zero_linear
 
@@ -148,12 +148,27 @@ class SharedBlockNextDiT:
     """
 
     def __init__(self, model: NextDiT):
+        assert self.supports(model), "the layers differ in structure: run the model itself"
         self.model, self.cfg = model, model.cfg
-        # in the model's dtype: set_data of another dtype would cast (copy) instead of aliasing
-        self.block = cast_parameters(TransformerBlock(model.cfg), next(iter(model.get_parameters())).dtype)
+        # the first layer's structure (LoRA adapters and their scales included: constants of the graph), in the model's
+        # dtype: set_data of another dtype would cast (copy) instead of aliasing
+        block = lora.mirror(TransformerBlock(model.cfg), model.layers[0])
+        self.block = cast_parameters(block, next(iter(model.get_parameters())).dtype)
         self._slots = list(self.block.get_parameters())
         self._weights = [list(layer.get_parameters()) for layer in model.layers]
-        assert all([a.shape for a in self._slots] == [b.shape for b in w] for w in self._weights)
+
+    @staticmethod
+    def supports(model: NextDiT) -> bool:
+        """Whether one block graph can run every layer: the same Cells, settings and parameter shapes and dtypes (a
+        LoRA adapter loaded with a per-layer rank or scale makes the layers differ)."""
+
+        def signature(layer):
+            cells = [(n, type(c).__name__, getattr(c, "scale", None), getattr(c, "separate", None))
+                     for n, c in layer.cells_and_names()]  # fmt: skip
+            return cells, [(n, tuple(p.shape), p.dtype) for n, p in layer.parameters_and_names()]
+
+        layers = list(model.layers)  # not model.layers[1:]: a sliced CellList renames the parameters it holds
+        return all(signature(layer) == signature(layers[0]) for layer in layers[1:])
 
     # jit methods, not wrapper Cells: a Cell holding the model as a child would rename its parameters ("model.*")
     @ms.jit
