@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py [--batch 4] [--tokens 256] [--repeats 5]
     python benchmarks/bench_train.py --model default --batch 32 --tokens 64 --repeats 10   # the default model's size
+    python benchmarks/bench_train.py --model default --batch 32 --tokens 64 --repeats 10 --lora 16   # LoRA vs full
 
 Project: ``training.Trainer.step`` in MindSpore graph mode (velocity loss, backward, global-norm clipping,
 ``nn.AdamWeightDecay``, EMA; one compiled graph), fp32 and fp16 compute. Reference: diffusers 0.35.2
@@ -11,6 +12,10 @@ channels, 128-token captions of width 256; ``--model default``: the bundled defa
 layers / 4 heads / 2 kv heads, patch 1, 16-token captions of width 64). Each
 framework runs in its own process (peak RSS is its own); median of ``repeats`` steps after two warm-up steps (the
 first includes compilation, reported separately). The first step's loss is compared as a sanity check.
+
+``--lora R``: full fine-tuning against a rank-R LoRA (``models.lora``, attention + feed-forward, alpha = R) of the
+same model and batch, fp32, in both frameworks (the reference: peft 0.21.2 on the diffusers model, AdamW over the
+adapter only), and the adapter's file size (peft's ``adapter_model.safetensors``, fp32) against the model's.
 """
 
 import argparse
@@ -51,7 +56,7 @@ def batch(size: int, tokens: int):
     return x1, x0, t, cap, mask
 
 
-def project_step(precision: str, size: int, tokens: int):
+def project_step(precision: str, size: int, tokens: int, rank: int = 0):
     import mindspore as ms
     from mindspore import Tensor
 
@@ -62,6 +67,10 @@ def project_step(precision: str, size: int, tokens: int):
     ms.set_context(mode=ms.GRAPH_MODE)
     model = nextdit.NextDiT(nextdit.resolve_config(CONFIG))
     load_state_dict(model, random_state(model))
+    if rank:
+        from mindone_lumina.models import lora
+
+        lora.add_adapter(model, lora.LoRAConfig(rank=rank, alpha=rank))
     cfg = training.TrainConfig(data="-", output="-", lr=LR, grad_clip=CLIP, ema_decay=EMA, precision=precision)
     trainer = training.Trainer(training.FlowMatchingLoss(model), cfg)
     x1, x0, t, cap, mask = batch(size, tokens)
@@ -71,7 +80,7 @@ def project_step(precision: str, size: int, tokens: int):
     return lambda: float(trainer.step(lr, *args)[0].asnumpy())
 
 
-def torch_step(size: int, tokens: int):
+def torch_step(size: int, tokens: int, rank: int = 0):
     import torch
     from diffusers import LuminaNextDiT2DModel
     from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
@@ -92,6 +101,22 @@ def torch_step(size: int, tokens: int):
     specs = convert_tensors(ArrayCheckpoint(random_state(model)), None, param_shapes(model))
     state = {s.name: torch.from_numpy(s.fetch()) for s in export_tensors(specs, DIFFUSERS_RULES)}
     ref.load_state_dict(state, strict=True)
+    if rank:  # the project's "attention" and "feed_forward" targets under their diffusers names
+        from peft import LoraConfig, get_peft_model
+
+        targets = [
+            "attn1.to_q",
+            "attn1.to_k",
+            "attn1.to_v",
+            "attn2.to_q",
+            "attn2.to_k",
+            "attn2.to_v",
+            "attn2.to_out.0",
+            "feed_forward.linear_1",
+            "feed_forward.linear_2",
+            "feed_forward.linear_3",
+        ]
+        ref = get_peft_model(ref, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))  # fmt: skip
     params = [p for p in ref.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     ema = [p.detach().clone() for p in params]
@@ -129,13 +154,14 @@ def time_steps(step, repeats: int) -> dict:
     return {"first": first, "median": statistics.median(times), "loss0": loss0, "peak_mb": peak}
 
 
-def worker(kind: str, size: int, tokens: int, repeats: int) -> dict:
-    return time_steps(torch_step(size, tokens) if kind == "torch" else project_step(kind, size, tokens), repeats)
+def worker(kind: str, size: int, tokens: int, repeats: int, rank: int = 0) -> dict:
+    step = torch_step(size, tokens, rank) if kind == "torch" else project_step(kind, size, tokens, rank)
+    return time_steps(step, repeats)
 
 
-def run_worker(kind: str, args) -> dict:
+def run_worker(kind: str, args, rank: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--batch", str(args.batch), "--tokens", str(args.tokens),
-           "--repeats", str(args.repeats), "--model", args.model]  # fmt: skip
+           "--repeats", str(args.repeats), "--model", args.model, "--worker-rank", str(rank)]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -146,16 +172,22 @@ def main():
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--model", choices=sorted(MODELS), default="bench", help="the Next-DiT shape (module docstring)")
+    p.add_argument("--lora", type=int, default=0, help="compare full fine-tuning with a LoRA of this rank")
     p.add_argument("--worker", choices=["torch", "fp32", "fp16"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     global CONFIG, CAPTION
     CONFIG, CAPTION = MODELS[args.model]
     if args.worker:
-        print(json.dumps(worker(args.worker, args.batch, args.tokens, args.repeats)))
+        print(json.dumps(worker(args.worker, args.batch, args.tokens, args.repeats, args.worker_rank)))
         return
     import torch
 
     import mindspore as ms
+
+    if args.lora:
+        lora_table(args, torch.__version__, torch.get_num_threads(), ms.__version__)
+        return
 
     r = {kind: run_worker(kind, args) for kind in ("torch", "fp32", "fp16")}
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} "
@@ -171,6 +203,43 @@ def main():
     rel = abs(r["fp32"]["loss0"] - r["torch"]["loss0"]) / abs(r["torch"]["loss0"])
     print(f"| first-step loss | {r['torch']['loss0']:.6f} | {r['fp32']['loss0']:.6f} (rel {rel:.1e}) "
           f"| {r['fp16']['loss0']:.6f} |")  # fmt: skip
+
+
+def lora_table(args, torch_version, threads, ms_version) -> None:
+    """Full fine-tuning vs LoRA: step time in both frameworks, trained parameters, file sizes."""
+    import os
+    import tempfile
+
+    from mindone_lumina.io import diffusers_io
+    from mindone_lumina.models import lora, nextdit
+    from mindone_lumina.weights import lora as lora_files
+    from mindone_lumina.weights.load import cell_specs
+
+    runs = {(kind, rank): run_worker(kind, args, rank) for rank in (0, args.lora) for kind in ("torch", "fp32")}
+    model = nextdit.NextDiT(nextdit.resolve_config(CONFIG))
+    total = sum(int(np.prod(p.shape)) for p in model.get_parameters())
+    with tempfile.TemporaryDirectory() as tmp:  # the files people exchange: diffusers transformer, peft adapter
+        path = diffusers_io.write_transformer(os.path.join(tmp, "transformer"), cell_specs(model), model.cfg, 64)
+        full_mb = os.path.getsize(path) / 1e6
+        lora.add_adapter(model, lora.LoRAConfig(rank=args.lora, alpha=args.lora))
+        lora_files.save_adapter(model, os.path.join(tmp, "adapter"))
+        adapter_mb = os.path.getsize(os.path.join(tmp, "adapter", lora_files.WEIGHTS)) / 1e6
+    adapter = sum(int(np.prod(p.shape)) for p in lora.adapter_state(model).values())
+    print(f"# {platform.processor() or platform.machine()}, torch {torch_version} ({threads} threads), mindspore "
+          f"{ms_version}; {args.model} model, batch {args.batch} x {args.tokens} tokens, median of {args.repeats} "
+          f"steps, each in its own process; LoRA rank {args.lora} on attention + feed-forward, fp32")  # fmt: skip
+    print("| | full fine-tune | LoRA | LoRA / full |")
+    print("|---|---|---|---|")
+    for label, kind in (("PyTorch eager s/step (diffusers + peft)", "torch"), ("MindSpore graph s/step", "fp32")):
+        full, low = runs[(kind, 0)]["median"], runs[(kind, args.lora)]["median"]
+        print(f"| {label} | {full:.3f} | {low:.3f} | {low / full:.2f} |")
+    ratio = [runs[("fp32", r)]["median"] / runs[("torch", r)]["median"] for r in (0, args.lora)]
+    print(f"| MindSpore / PyTorch | {ratio[0]:.2f} | {ratio[1]:.2f} | |")
+    peak = [runs[("fp32", r)]["peak_mb"] for r in (0, args.lora)]
+    print(f"| MindSpore peak RSS MB | {peak[0]:.0f} | {peak[1]:.0f} | {peak[1] / peak[0]:.2f} |")
+    print(f"| trained parameters | {total:,} | {adapter:,} | {adapter / total:.4f} |")
+    print(f"| file MB (fp32; diffusers transformer / peft adapter) | {full_mb:.2f} | {adapter_mb:.2f} | "
+          f"{adapter_mb / full_mb:.4f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
