@@ -1,10 +1,11 @@
 """Before and after a LoRA: detector accuracy of the bundled default model on a new concept's held-out prompts and
 on the old held-out prompts (what was forgotten), per caption form, and a contact sheet.
 
-    python benchmarks/eval_lora.py --lora runs/hexagon-lora/adapter [--num 100] [--sheet docs/lora-hexagon-sheet.png]
+    python benchmarks/eval_lora.py --lora runs/bar-lora/adapter [--concept bar] [--num 50] [--sheet docs/lora-bar.png]
 
-New concept: ``shapes.concept_prompts`` (hexagons in the ``shapes.CONCEPT_HELDOUT`` colour pairs, which the
-fine-tune's data never holds); old: ``shapes.heldout_prompts`` (circles, squares, triangles in ``shapes.HELDOUT``, as
+New concept: ``shapes.concept_prompts`` (bars, or hexagons, in the ``shapes.CONCEPT_HELDOUT`` colour pairs, which
+the fine-tune's data never holds);
+old: ``shapes.heldout_prompts`` (circles, squares, triangles in ``shapes.HELDOUT``, as
 ``eval_shapes.py``). The same prompts, seeds and sampling settings (the model's defaults) before and after; the
 adapter is loaded into the same pipeline (``pipeline.load_lora``).
 """
@@ -23,8 +24,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lora", required=True, help="the adapter folder")
     p.add_argument("--scale", type=float, default=1.0, help="the adapter's scale")
+    p.add_argument("--concept", default="bar", choices=shapes.NEW_SHAPES, help="the shape the adapter teaches")
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--num", type=int, default=100, help="prompts per form and prompt set")
+    p.add_argument("--num", type=int, default=50, help="prompts per form and prompt set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sheet", default=None, help="also write a contact sheet PNG")
     args = p.parse_args()
@@ -32,7 +34,9 @@ def main():
     ms.set_context(mode=ms.GRAPH_MODE)
     pipe = TextToImagePipeline.from_pretrained(args.model)
     sets = {
-        "new (hexagon, held-out pairs)": {f: shapes.concept_prompts(args.num, f, args.seed) for f in shapes.FORMS},
+        f"new ({args.concept}, held-out pairs)": {
+            f: shapes.concept_prompts(args.num, f, args.seed, args.concept) for f in shapes.FORMS
+        },
         "old (held-out triples)": {f: shapes.heldout_prompts(args.num, f, args.seed) for f in shapes.FORMS},
     }
     print(f"# {args.num} prompts per row, seed {args.seed}, MindSpore {ms.__version__} graph mode, CPU; the model's "

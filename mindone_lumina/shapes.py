@@ -9,7 +9,11 @@ not memorisation.
 
 ``caption(scene)`` without an ``rng`` is the canonical long caption; ``render`` without one draws no layout jitter.
 
-New concepts (``NEW_SHAPES``: the hexagon) are shapes the default model never saw, for a fine-tune (LoRA) to teach it.
+New concepts (``NEW_SHAPES``: the hexagon, the bar) are shapes the default model never saw, for a fine-tune (LoRA) to
+teach it. The bundled 4x VAE, trained on the old shapes only, loses the hexagon's corners (its reconstructions of
+hexagon images are called hexagons 14% of the time), so no denoiser can draw one through it; a bar (a horizontal
+rectangle 0.4 as tall as wide) keeps its aspect through the VAE (0.40-0.58 reconstructed), which is what a fine-tune
+of the denoiser alone can learn and the detector can read.
 They stay out of ``SHAPES``, ``TRIPLES``, ``HELDOUT`` and the scene lists above, so the default model's training data
 and evaluation are unchanged. A concept has its own scenes over every (colour, background) pair of ``PAIRS``
 (``concept_scenes``) and its own held-out split: ``CONCEPT_HELDOUT`` pairs never drawn in its training scenes
@@ -33,7 +37,12 @@ COLOURS = {  # pairwise RGB distance >= 190, so blur and noise do not move a pix
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
-NEW_SHAPES = ("hexagon",)  # concepts the default model never saw, for fine-tunes (LoRA) to teach it
+NEW_SHAPES = ("hexagon", "bar")  # concepts the default model never saw, for fine-tunes (LoRA) to teach it
+BAR_ASPECT = 0.4  # a bar's height / width
+BAR_BELOW = 0.7  # detect: a region this much wider than tall (or taller than wide) is a bar
+# detect: ... if it fills this much of the rectangle of its widest row and tallest column (a formless elongated blob
+# does not: 7% of thresholded noise blobs pass, 26% without it; the fine-tuned model's bars score the same)
+BAR_FILL = 0.8
 SIZES = {"small": 0.34, "large": 0.6}  # side of the shape's box as a fraction of the image's shorter side
 POSITIONS = {  # centre of the shape's box, as fractions of the image's width and height (x, y)
     "top left": (0.3, 0.3),
@@ -121,6 +130,8 @@ def render(scene: Scene, size: int | tuple = 32, rng: np.random.Generator | None
         draw.rectangle(box, fill=fill)
     elif scene.shape == "triangle":
         draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
+    elif scene.shape == "bar":  # as wide as the side, BAR_ASPECT of it tall
+        draw.rectangle((box[0], cy - side * BAR_ASPECT / 2, box[2], cy + side * BAR_ASPECT / 2), fill=fill)
     else:  # hexagon: flat top and bottom, as wide as the side, sqrt(3)/2 of it tall
         dy = side * 3**0.5 / 4
         draw.polygon(
@@ -229,7 +240,7 @@ def _template(shape: str, box, hw, supersample: int = 4) -> np.ndarray:
     y = ((np.arange(hw[0] * supersample) + 0.5) / supersample)[:, None]
     x = ((np.arange(hw[1] * supersample) + 0.5) / supersample)[None, :]
     cx, cy, rx, ry = (left + right) / 2, (top + bottom) / 2, (right - left) / 2, (bottom - top) / 2
-    if shape == "square":
+    if shape in ("square", "bar"):
         inside = (abs(x - cx) <= rx) & (abs(y - cy) <= ry)
     elif shape == "circle":
         inside = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
@@ -263,20 +274,21 @@ def detect(image) -> dict:
     """Background, shape colour, shape class, size and position of a generated image, by simple geometry.
 
     Background: the most common named colour on the border. ``count``: how many separate shapes are drawn (a model
-    extrapolating badly repeats the shape). Shape: the largest connected region of pixels far from
-    the background; its colour is the nearest named colour to its median. Geometry uses each pixel's share of shape
-    colour near that region (soft, so blur and anti-aliasing move mass without losing it): a triangle's mass profile
-    is skewed, a circle's and a square's are not; a square fills the rectangle of its widest row and tallest column,
-    a circle only pi/4 of it. A hexagon (``NEW_SHAPES``) passes those rules as a circle, so a circle is a hexagon when
-    an ideal hexagon of the region's mass, centred at its centroid, fits the shares at least 5% better (squared error,
-    ``HEXAGON_MARGIN``) than such a circle, each blurred as much as fits it best (``_fit_error``): only circle verdicts
-    can change, and rendered circles keep theirs clean, jittered and after a 3x3 blur with noise (a few 8 px ones
-    after a 5x5 blur with noise 16/255 do not). The aspect (0.87 against 1) would be the obvious cue, but the widest
-    rows of a hexagon are its pointed middle, which pixels and blur cut short: small ones (8-11 px wide) measure
-    0.90-0.99 clean and up to 1.06 blurred, where blurred circles go down to 0.91. The class is None when the region
-    overlaps that class's ideal shape in its bounding box by less than half (IoU), so a formless blob counts as a miss
-    for every prompt. Size and position: the nearest in ``SIZES`` to that side (relative to the shorter image side)
-    and in ``POSITIONS`` to the region's bounding-box centre.
+    extrapolating badly repeats the shape). Shape: the largest connected region of pixels far from the background;
+    its colour is the nearest named colour to its median. Geometry uses each pixel's share of shape colour near that
+    region (soft, so blur and anti-aliasing move mass without losing it): a triangle's mass profile is skewed, a
+    circle's and a square's are not; a square fills the rectangle of its widest row and tallest column, a circle
+    only pi/4 of it; a region whose widest row and tallest column differ by more than ``BAR_BELOW`` is a bar (the
+    other shapes have square boxes). A hexagon (``NEW_SHAPES``) passes those rules as a circle, so a circle is a
+    hexagon when an ideal hexagon of the region's mass, centred at its centroid, fits the shares at least 5% better
+    (squared error, ``HEXAGON_MARGIN``) than such a circle, each blurred as much as fits it best (``_fit_error``):
+    only circle verdicts can change, and rendered circles keep theirs clean, jittered and after a 3x3 blur with
+    noise (a few 8 px ones after a 5x5 blur with noise 16/255 do not). The aspect (0.87 against 1) would be the
+    obvious cue, but the widest rows of a hexagon are its pointed middle, which pixels and blur cut short: small
+    ones (8-11 px wide) measure 0.90-0.99 clean and up to 1.06 blurred, where blurred circles go down to 0.91. The
+    class is None when the region overlaps that class's ideal shape in its bounding box by less than half (IoU), so
+    a formless blob counts as a miss for every prompt. Size and position: the nearest in ``SIZES`` to that side
+    (relative to the shorter image side) and in ``POSITIONS`` to the region's bounding-box centre.
     """
     from scipy import ndimage
 
@@ -305,6 +317,8 @@ def detect(image) -> dict:
     fill = alpha.sum() / max(width * height, 1e-6)  # square 1, circle pi/4
     skew = max(abs(_skewness(rows)), abs(_skewness(cols)))  # triangle 0.57 (0.25 after a 5x5 blur), others < 0.07
     shape = "triangle" if skew > 0.15 else "circle" if fill < 0.89 else "square"
+    if min(width, height) < BAR_BELOW * max(width, height) and fill >= BAR_FILL:  # before the skew: see BAR_BELOW
+        shape = "bar"  # the old shapes' boxes are square; a bar's keeps its aspect through blur and the VAE
     ys, xs = np.nonzero(region)
     if shape == "circle":  # or a hexagon, which the rules above call a circle: the closer ideal shape decides
         top, bottom, left, right = max(ys.min() - 4, 0), ys.max() + 5, max(xs.min() - 4, 0), xs.max() + 5

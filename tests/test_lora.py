@@ -72,6 +72,14 @@ def _ours(model, x, t, cap, mask):
     return nextdit.forward(model, *(Tensor(a) for a in (x, t, cap, mask))).asnumpy()
 
 
+def _random_adapter(model, seed: int, std: float = 0.1, **config):
+    """A new adapter on ``model`` with random A and B (a trained one: B is not zero)."""
+    lora.add_adapter(model, lora.LoRAConfig(**config))
+    rng = np.random.default_rng(seed)
+    for p in lora.adapter_state(model).values():
+        p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32) * std))
+
+
 def _peft_adapter(ref, folder, tied: bool, seed=3, **config):
     """A peft adapter on the diffusers model, B drawn at random (peft starts B at zero), saved to ``folder``."""
     config = dict(r=4, lora_alpha=8, target_modules=ALL_TARGETS) | config
@@ -109,10 +117,7 @@ def test_peft_adapter_loads_here(tmp_path, tied, mode):
 
 def test_adapter_written_here_loads_in_peft(tmp_path, mode):
     ref, model = _base()
-    lora.add_adapter(model, lora.LoRAConfig(rank=4, alpha=6, targets=("attention", "feed_forward", "adaln")))
-    rng = np.random.default_rng(5)
-    for p in lora.adapter_state(model).values():
-        p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.1))
+    _random_adapter(model, 5, rank=4, alpha=6, targets=("attention", "feed_forward", "adaln"))
     lora_files.save_adapter(model, str(tmp_path / "ours"), vocabulary=["a", "hexagon"])
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 6 and set(config["target_modules"]) == set(ALL_TARGETS)
@@ -131,10 +136,7 @@ def test_adapter_written_here_loads_in_peft(tmp_path, mode):
 def test_adapter_gradients_equal_torch_autograd(tmp_path, mode):
     """Only adapter tensors get gradients; each equals torch's (the tied query adapter: the sum over both copies)."""
     ref, model = _base()
-    lora.add_adapter(model, lora.LoRAConfig(rank=4, alpha=8, targets=("attention", "feed_forward", "adaln")))
-    rng = np.random.default_rng(6)
-    for p in lora.adapter_state(model).values():
-        p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.1))
+    _random_adapter(model, 6, rank=4, alpha=8, targets=("attention", "feed_forward", "adaln"))
     lora_files.save_adapter(model, str(tmp_path / "g"))
     peft_model = PeftModel.from_pretrained(ref, str(tmp_path / "g"), is_trainable=True)
     x1, t, cap, mask = _inputs(seed=7)
@@ -260,10 +262,7 @@ def _bundled_adapter(folder: str) -> None:
     from mindone_lumina.pipeline import DEFAULT_MODEL
 
     model = components.load_transformer(os.path.join(DEFAULT_MODEL, "transformer"))
-    lora.add_adapter(model, lora.LoRAConfig(rank=2, alpha=2, targets=("attention", "feed_forward")))
-    rng = np.random.default_rng(0)
-    for p in lora.adapter_state(model).values():
-        p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.2))
+    _random_adapter(model, 0, std=0.2, rank=2, alpha=2)
     lora_files.save_adapter(model, folder, vocabulary=["hexagon"])
 
 

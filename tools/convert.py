@@ -59,17 +59,7 @@ def parser():
 
 def read_loras(args) -> list:
     """[(folder, scale), ...] of --merge-lora / --lora-scale, each folder's files checked."""
-    paths, scales = args.merge_lora or [], args.lora_scale or []
-    if scales and not paths:
-        raise ValueError("--lora-scale given without --merge-lora")
-    if len(scales) not in (0, 1, len(paths)):
-        raise ValueError(f"--lora-scale: give one scale for all or one per --merge-lora ({len(paths)}), got "
-                         f"{len(scales)}")  # fmt: skip
-    scales = scales * len(paths) if len(scales) == 1 else scales or [1.0] * len(paths)
-    for path in paths:
-        cli.existing(path, "--merge-lora", "folder")
-        lora_files.check_folder(path)
-    return list(zip(paths, scales))
+    return lora_files.folders_and_scales(args.merge_lora, args.lora_scale, "--merge-lora")
 
 
 def check_paths(args) -> None:

@@ -185,16 +185,7 @@ def read_latents(path: str | None):
 
 def read_loras(args) -> list:
     """[(folder, scale), ...] of --lora / --lora-scale, each folder's files checked."""
-    paths, scales = args.lora or [], args.lora_scale or []
-    if scales and not paths:
-        raise ValueError("--lora-scale given without --lora")
-    if len(scales) not in (0, 1, len(paths)):
-        raise ValueError(f"--lora-scale: give one scale for all or one per --lora ({len(paths)}), got {len(scales)}")
-    scales = scales * len(paths) if len(scales) == 1 else scales or [1.0] * len(paths)
-    for path in paths:
-        cli.existing(path, "--lora", "folder")
-        lora_files.check_folder(path)
-    return list(zip(paths, scales))
+    return lora_files.folders_and_scales(args.lora, args.lora_scale, "--lora")
 
 
 def main(argv=None):

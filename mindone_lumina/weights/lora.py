@@ -156,6 +156,23 @@ def check_folder(path: str) -> dict:
     return read_config(_files(path)[1])
 
 
+def folders_and_scales(paths, scales, flag: str) -> list:
+    """[(folder, scale), ...] from a command line's repeated ``flag`` and ``--lora-scale`` values (one scale for all
+    or one each; default 1), every folder checked (``check_folder``)."""
+    paths, scales = list(paths or []), list(scales or [])
+    if scales and not paths:
+        raise ValueError(f"--lora-scale given without {flag}")
+    if len(scales) not in (0, 1, len(paths)):
+        raise ValueError(f"--lora-scale: give one scale for all or one per {flag} ({len(paths)}), got {len(scales)}")
+    scales = scales * len(paths) if len(scales) == 1 else scales or [1.0] * len(paths)
+    for path in paths:
+        if not os.path.isdir(path):
+            raise ValueError(f"{flag} {path} " + ("is a file; expected a folder" if os.path.exists(path) else
+                                                  "does not exist"))  # fmt: skip
+        check_folder(path)
+    return list(zip(paths, scales))
+
+
 def plan_adapter(model, path: str, scale: float = 1.0) -> AdapterPlan:
     """Read and check an adapter folder (names and headers only; tensors are read when fetched)."""
     weights, config_path = _files(path)
