@@ -50,9 +50,9 @@ class LoRAConfig:
         object.__setattr__(self, "targets", tuple(self.targets))
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"lora rank must be a positive integer, got {self.rank!r}")
-        if not self.alpha > 0:
+        if not _number(self.alpha) or not self.alpha > 0:
             raise ValueError(f"lora alpha must be > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not _number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
         unknown = sorted(set(self.targets) - set(TARGETS))
         if unknown or not self.targets:
@@ -69,6 +69,10 @@ class LoRAConfig:
         if unknown:
             raise ValueError(f"unknown lora key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**raw)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def scaling(alpha: float, rank: int, rslora: bool = False) -> float:
