@@ -75,7 +75,7 @@ def merge_loras(family, cfg, specs, loras) -> tuple:
     lora.merge(model)
     dtypes = {s.name: s.dtype for s in specs}
     for name in [n for n in param_shapes(model) if n not in dtypes]:  # wq_y, qy_norm: as the query they copy
-        dtypes[name] = dtypes[name.replace(".wq_y.", ".wq.").replace(".qy_norm.", ".q_norm.")]
+        dtypes[name] = dtypes[lora.untied_source(name)]
     merged = [TensorSpec(s.name, s.shape, dtypes[s.name], s.fetch) for s in cell_specs(model)]
     return model.cfg, merged, words
 

@@ -96,6 +96,7 @@ class TextToImagePipeline:
         self.vocabulary = None if vocabulary is None else frozenset(vocabulary)
         self.dtype = dtype or next(iter(transformer.get_parameters())).dtype
         self.shared_block, self._shared = shared_block, None
+        self._before_lora = None  # (transformer, vocabulary) before the first load_lora
         self.offload = isinstance(text_encoder, Lazy)  # components loaded when used; graphs released after use
         self.layout = None  # the folder layout ``from_pretrained`` found
 
@@ -283,12 +284,11 @@ class TextToImagePipeline:
             self.transformer = self.transformer.load()
         auto = backend.is_cpu() and ms.get_context("mode") == ms.GRAPH_MODE
         use_shared = self.shared_block or (self.shared_block is None and auto)
-        shareable = isinstance(self.transformer, nextdit.NextDiT) and nextdit.SharedBlockNextDiT.supports(
-            self.transformer
-        )
-        if not use_shared or not shareable:
+        if not use_shared or not isinstance(self.transformer, nextdit.NextDiT):
             return self.transformer
         if self._shared is None:
+            if not nextdit.SharedBlockNextDiT.supports(self.transformer):  # adapters differing by layer
+                return self.transformer
             self._shared = nextdit.SharedBlockNextDiT(self.transformer)
         return self._shared
 
@@ -325,6 +325,8 @@ class TextToImagePipeline:
         """Add a LoRA adapter (a peft folder: ``weights/lora.py``) to the transformer with ``scale`` times its own
         scaling; several adapters add up, each with its scale. Checked at once (names and shapes from the headers);
         a ``Lazy`` transformer gets it when it loads. The words the adapter was trained on join ``vocabulary``."""
+        if self._before_lora is None:  # what unload_lora restores
+            self._before_lora = (self.transformer, self.vocabulary)
         if isinstance(self.transformer, Lazy):
             part, previous = self.transformer, self.transformer.load
 
@@ -342,10 +344,17 @@ class TextToImagePipeline:
             self.vocabulary = self.vocabulary | frozenset(plan_words)
 
     def unload_lora(self) -> None:
-        """Remove every adapter: the transformer's weights are the base's, bit for bit."""
-        if not isinstance(self.transformer, Lazy):
+        """Remove every adapter: the transformer's weights are the base's, bit for bit (a ``Lazy`` one loads without
+        them), and ``vocabulary`` is the base's again."""
+        if self._before_lora is None:
+            return
+        transformer, self.vocabulary = self._before_lora
+        if isinstance(self.transformer, Lazy):
+            self.transformer = transformer
+        else:
             lora.unload(self.transformer)
             self._shared = None
+        self._before_lora = None
 
     @classmethod
     def from_pretrained(cls, source: str, dtype: str = "fp32", text_encoder: str | None = None, vae: str | None = None,

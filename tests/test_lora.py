@@ -314,3 +314,18 @@ def test_shared_block_runner_runs_adapted_layers(tmp_path, mode):
     assert rel_err(shared, model(*args).asnumpy()) <= 1e-6
     lora.lora_layers(model)["layers.1.attention.wk"].adapters[0].scale = 0.25
     assert not nextdit.SharedBlockNextDiT.supports(model)
+
+
+def test_pipeline_unload_lora_restores_the_base(tmp_path, pynative):
+    """pipeline.load_lora then unload_lora: the same latents as never loading it, and the base vocabulary."""
+    from mindone_lumina.pipeline import DEFAULT_MODEL, TextToImagePipeline
+
+    _bundled_adapter(str(tmp_path / "adapter"))
+    pipe = TextToImagePipeline.from_pretrained(DEFAULT_MODEL)
+    vocabulary = pipe.vocabulary
+    run = lambda: pipe(["a red bar on blue"], num_steps=2, solver="euler", progress=False).latents  # noqa: E731
+    plain = run()
+    pipe.load_lora(str(tmp_path / "adapter"), 0.8)
+    assert "hexagon" in pipe.vocabulary and rel_err(run(), plain) > 1e-2
+    pipe.unload_lora()
+    assert pipe.vocabulary == vocabulary and np.array_equal(run(), plain)

@@ -274,6 +274,11 @@ def _untie(att) -> None:
     object.__setattr__(att, "untied_by_lora", True)
 
 
+def untied_source(name: str) -> str:
+    """The name of the shared query a name of ``untie_query``'s own cross-attention query was copied from."""
+    return name.replace(".wq_y", ".wq").replace(".qy_norm", ".q_norm")
+
+
 def mirror(target: nn.Cell, source: nn.Cell) -> nn.Cell:
     """``target``, a fresh block of ``source``'s architecture, given ``source``'s adapters (layers, ranks, scales)
     and untied query, with initial values: a graph template whose weights are bound later (the shared-block

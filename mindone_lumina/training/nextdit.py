@@ -40,9 +40,9 @@ def build_model(cfg: TrainConfig, cap_dim: int) -> nextdit.NextDiT:
         load_specs(model, components.transformer_plan(cfg.init, arch)[2], cfg.init)
     if cfg.lora is not None:  # only the adapter trains; the frozen base is stored in the compute dtype
         lora.add_adapter(model, cfg.lora_config)
-        for p in model.get_parameters():
-            if not p.requires_grad and cfg.precision != "fp32":
-                p.set_dtype(ms_dtype(cfg.precision))
+        frozen = [p for p in model.get_parameters() if not p.requires_grad]
+        for p in frozen if cfg.precision != "fp32" else ():
+            p.set_dtype(ms_dtype(cfg.precision))
     if cfg.recompute:
         for block in model.layers:
             block.recompute()
@@ -146,12 +146,16 @@ def export_pipeline(cfg: TrainConfig, trainer: Trainer, folder: str, use_ema: bo
     source = trainer.ema if use_ema else trainer.params
     if cfg.lora is not None:
         arrays = {n.replace(".adapters.0.", "."): p.asnumpy() for n, p in zip(trainer.param_names, source)}
-        vocabulary = {w for item in read_items(cfg.data) if item.caption for w in words(item.caption)}
-        lora_files.save_adapter(model, folder, arrays=arrays, vocabulary=vocabulary)
+        lora_files.save_adapter(model, folder, arrays=arrays, vocabulary=caption_words(cfg))
         return "a LoRA adapter: tools/sample.py --lora " + folder
     arrays = ArrayCheckpoint({n: p.asnumpy() for n, p in zip(trainer.param_names, source)})
     specs = convert_tensors(arrays, None, param_shapes(model), what="the trained weights")
-    vocabulary = sorted({w for item in read_items(cfg.data) if item.caption for w in words(item.caption)})
+    vocabulary = caption_words(cfg)
     settings = diffusers_io.ProjectSettings(cfg.resolution, sampling=dict(cfg.sampling),
                                             vocabulary=vocabulary if cfg.closed_vocabulary else None)  # fmt: skip
     diffusers_io.save_pipeline(folder, settings, (specs, model.cfg), cfg.text_encoder, cfg.text_encoder, cfg.vae)
+
+
+def caption_words(cfg: TrainConfig) -> list:
+    """The words of the recipe's captions, sorted (recorded with an export: prompts with others warn)."""
+    return sorted({w for item in read_items(cfg.data) if item.caption for w in words(item.caption)})

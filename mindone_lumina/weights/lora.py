@@ -27,7 +27,7 @@ from ..models.nextdit import NextDiT
 from .checkpoints import open_file
 from .flagdit import FLAGDIT
 from .nextdit import NEXTDIT
-from .rules import RuleTable, convert_tensors, export_tensors, plan_rename
+from .rules import RuleTable, convert_tensors, copies_agree, export_tensors, plan_rename
 from .safetensors import write_safetensors
 from .tensors import TensorSpec
 
@@ -188,18 +188,17 @@ def plan_adapter(model, path: str, scale: float = 1.0) -> AdapterPlan:
     cells = dict(model.cells_and_names())
     source = {project: src for src, project in targets.items()}
     ranks, scales, expected = {}, {}, {}
-    for key in sorted(source):
-        module = key.rsplit(".", 1)[0]
-        dense = cells.get(module) or (cells.get(module.replace("wq_y", "wq")) if untied else None)
+    for module in sorted({key.rsplit(".", 1)[0] for key in source}):
+        a_key, b_key = f"{module}.lora_A", f"{module}.lora_B"
+        file_key = source.get(a_key) or source[b_key]
+        dense = cells.get(module) or (cells.get(lora.untied_source(module)) if untied else None)
         if dense is None or not hasattr(dense, "weight"):
-            raise ValueError(f"LoRA {path}: {source[key]} adapts {module}, which this model does not have")
+            raise ValueError(f"LoRA {path}: {file_key} adapts {module}, which this model does not have")
         out_dim, in_dim = dense.weight.shape
-        a_key = f"{module}.lora_A"
-        rank = int(reader.shape(source[a_key])[0]) if a_key in source else int(cfg["r"])
+        rank = int(reader.shape(source[a_key])[0]) if a_key in source else int(cfg["r"])  # else: named missing
         ranks[module] = rank
-        expected[a_key], expected[f"{module}.lora_B"] = (rank, in_dim), (out_dim, rank)
-        name = source[key].rsplit(".lora_", 1)[0]
-        alpha = _pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"])
+        expected[a_key], expected[b_key] = (rank, in_dim), (out_dim, rank)
+        alpha = _pattern_value(cfg.get("alpha_pattern"), file_key.rsplit(".lora_", 1)[0], cfg["lora_alpha"])
         scales[module] = scale * lora.scaling(alpha, rank, bool(cfg.get("use_rslora")))
     specs = convert_tensors(reader, table, expected, dtype="fp32", what=f"LoRA {path}")
     vocabulary = _metadata_vocabulary(reader.reader)
@@ -209,15 +208,9 @@ def plan_adapter(model, path: str, scale: float = 1.0) -> AdapterPlan:
 def _needs_untied(reader, tied: RuleTable) -> bool:
     """Whether the layout's two copies of a tensor are absent on one side or hold different values."""
     present = set(reader.keys())
-    for key in present:
-        project = tied.target_of(key)
-        copies = tied.sources_of(project) if project else []
-        if len(copies) > 1:
-            if not set(copies) <= present:
-                return True
-            if not all(np.array_equal(reader.read(c), reader.read(copies[0])) for c in copies[1:]):
-                return True
-    return False
+    targets = {tied.target_of(key) for key in present} - {None}
+    one_sided = any(not set(tied.sources_of(project)) <= present for project in targets)
+    return one_sided or not copies_agree(reader, tied)
 
 
 def _metadata_vocabulary(reader):
