@@ -1,5 +1,5 @@
-"""LoRA against peft on diffusers' ``LuminaNextDiT2DModel``: adapter files exchanged both ways give the same forward
-(fp32 budget), the adapter gradients equal torch autograd of the diffusers+peft model, merged equals unmerged,
+"""LoRA against peft 0.21.2 on diffusers 0.35.2 ``LuminaNextDiT2DModel`` (torch 2.13.0): adapter files exchanged
+both ways give the same forward (relative error <= 1e-5, fp32), the adapter gradients equal torch autograd of the diffusers+peft model, merged equals unmerged,
 unloading restores the base bit for bit, several adapters with their own scales, and bad adapter files named."""
 
 import dataclasses
@@ -299,6 +299,18 @@ def test_sample_with_lora_and_convert_merge_lora(tmp_path, capsys, caplog):
     assert rel_err(merged, adapted) <= 1e-5
     settings = json.loads((tmp_path / "merged" / "mindone_lumina.json").read_text())
     assert "hexagon" in settings["vocabulary"]
+    # diffusers reads the merged transformer, and it is peft's own merge of the adapter (at scale 0.8) on the base
+    merged_ref = LuminaNextDiT2DModel.from_pretrained(str(tmp_path / "merged" / "transformer"))
+    peft_model = PeftModel.from_pretrained(
+        LuminaNextDiT2DModel.from_pretrained(os.path.join(DEFAULT_MODEL, "transformer")), adapter
+    )
+    for module in peft_model.modules():
+        if hasattr(module, "set_scale") and hasattr(module, "lora_A"):
+            module.set_scale("default", 0.8)
+    peft_merged = dict(peft_model.merge_and_unload().named_parameters())
+    with torch.no_grad():
+        for name, p in merged_ref.named_parameters():
+            assert rel_err(p.numpy(), peft_merged[name].numpy()) <= 1e-6, name
 
 
 def test_shared_block_runner_runs_adapted_layers(tmp_path, mode):
