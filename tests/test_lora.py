@@ -1,6 +1,7 @@
 """LoRA against peft 0.21.2 on diffusers 0.35.2 ``LuminaNextDiT2DModel`` (torch 2.13.0): adapter files exchanged
-both ways give the same forward (relative error <= 1e-5, fp32), the adapter gradients equal torch autograd of the diffusers+peft model, merged equals unmerged,
-unloading restores the base bit for bit, several adapters with their own scales, and bad adapter files named."""
+both ways give the same forward (relative error <= 1e-5, fp32), the adapter gradients equal torch autograd of the
+diffusers+peft model, merged equals unmerged, unloading restores the base bit for bit, several adapters with their
+own scales, and bad adapter files named."""
 
 import dataclasses
 import json
