@@ -4,6 +4,10 @@ Every model file calls these functions and nothing else backend-specific. A Cell
 it uses fused kernels (``use_fused_kernels()``) and stores the answer as a Python constant, so graph mode folds the
 branch away. The portable path is what CI tests; the fused path runs only on Ascend (see README, "Ascend vs CPU").
 
+Each fused path is argument preparation plus one kernel call, with the kernel a parameter (``kernel=None``: the real
+one), so that ``kernel_contracts.check`` runs the exact preparation on CPU with a NumPy emulator of the kernel's
+documented contract in its place.
+
 Set ``MINDONE_LUMINA_PORTABLE=1`` to force the portable ops on Ascend (useful to bisect a numeric difference).
 """
 
@@ -11,6 +15,8 @@ import os
 
 import mindspore as ms
 from mindspore import mint, ops
+
+from . import rope
 
 _FA_DTYPES = (ms.float16, ms.bfloat16)
 _MASKED = -1e30  # exp underflows to exactly 0, like torch's -inf, without inf - inf = nan on fully masked rows
@@ -22,7 +28,7 @@ def is_cpu() -> bool:
 
 
 def use_fused_kernels() -> bool:
-    """The one capability check: fused Ascend kernels (flash attention, RMSNorm) are used only on Ascend."""
+    """The one capability check: fused Ascend kernels (flash attention, RMSNorm, RoPE) are used only on Ascend."""
     return ms.get_context("device_target") == "Ascend" and os.environ.get("MINDONE_LUMINA_PORTABLE", "0") != "1"
 
 
@@ -54,8 +60,15 @@ def check_dtype_supported(dtype) -> None:
 def rms_norm(x, weight, eps: float, fused: bool = False):
     """LLaMA RMSNorm as the Lumina reference: normalise in fp32, cast back, then multiply by the weight."""
     if fused:
-        return ops.rms_norm(x, weight, eps)[0]
+        return fused_rms_norm(x, weight, eps)
     return _rms_normalise(x, eps).astype(x.dtype) * weight
+
+
+def fused_rms_norm(x, weight, eps: float, kernel=None):
+    """Ascend RmsNorm; ``kernel`` replaces ``ops.rms_norm`` (the contract check passes its NumPy emulator,
+    ``kernel_contracts.py``), as in every fused path here: argument preparation, then one kernel call."""
+    kernel = ops.rms_norm if kernel is None else kernel
+    return kernel(x, weight, eps)[0]
 
 
 def rms_norm_offset(x, weight, eps: float):
@@ -132,7 +145,7 @@ def attention(q, k, v, key_mask, scale: float, fused: bool = False, attn_mask=No
         (B, L, N, D) in the dtype of ``q``.
     """
     if fused:
-        return _flash_attention(q, k, v, key_mask, scale, attn_mask)
+        return flash_attention(q, k, v, key_mask, scale, attn_mask)
     b, seq_q, n, _ = q.shape
     seq_k, n_kv = k.shape[1], k.shape[2]
     q = q * scale
@@ -174,8 +187,10 @@ def _repeat_kv(x, rep: int):
     return mint.broadcast_to(x.unsqueeze(3), (b, s, n_kv, rep, d)).reshape(b, s, n_kv * rep, d)
 
 
-def _flash_attention(q, k, v, key_mask, scale: float, attn_mask=None):
-    """Ascend FlashAttentionScore: BSND layout, fp16/bf16 only, native GQA, mask True = discard."""
+def flash_attention(q, k, v, key_mask, scale: float, attn_mask=None, kernel=None):
+    """Ascend FlashAttentionScore (arguments as ``attention``): BSND layout, fp16/bf16 only, native GQA, mask True =
+    discard. ``kernel`` replaces ``ops.flash_attention_score`` (the contract check passes its NumPy emulator)."""
+    kernel = ops.flash_attention_score if kernel is None else kernel
     dtype = q.dtype
     if dtype not in _FA_DTYPES:
         q, k, v = q.astype(ms.float16), k.astype(ms.float16), v.astype(ms.float16)
@@ -183,17 +198,45 @@ def _flash_attention(q, k, v, key_mask, scale: float, attn_mask=None):
     s_k = k.shape[1]
     d_pad = (d + 15) // 16 * 16  # FA wants head_dim % 16 == 0; zero columns change no dot product (scale is explicit)
     if d_pad != d:
-        pad = (0, d_pad - d)
-        q, k, v = mint.nn.functional.pad(q, pad), mint.nn.functional.pad(k, pad), mint.nn.functional.pad(v, pad)
+        q, k, v = _pad_head(q, d_pad - d), _pad_head(k, d_pad - d), _pad_head(v, d_pad - d)
     keep = None if attn_mask is None else mint.broadcast_to(attn_mask.astype(ms.bool_), (b, 1, s_q, s_k))
     if key_mask is not None:
         by_key = mint.broadcast_to(key_mask.astype(ms.bool_)[:, None, None, :], (b, 1, s_q, s_k))
         keep = by_key if keep is None else mint.logical_and(keep, by_key)
-    discard = None if keep is None else mint.logical_not(keep).astype(ms.uint8)
-    out = ops.flash_attention_score(q, k, v, n, attn_mask=discard, scalar_value=scale, input_layout="BSND")
+    discard = None if keep is None else mint.logical_not(keep).astype(ms.uint8)  # (B, 1, L, S)
+    out = kernel(q, k, v, n, attn_mask=discard, scalar_value=scale, input_layout="BSND")
     if d_pad != d:
         out = out[..., :d]
     return out.astype(dtype)
+
+
+def _pad_head(x, width: int):
+    """``width`` zero columns appended to the last axis, by concatenation: mint's pad (ConstantPadND) has no CPU
+    kernel, and the contract check runs this preparation on CPU."""
+    return mint.cat([x, mint.zeros(x.shape[:-1] + (width,), dtype=x.dtype)], dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ------------------------------------------------------------------------------------------------------------------
+def apply_rope(x, cos, sin, fused: bool = False):
+    """Rotate adjacent pairs of ``x`` (B, L, N, D) by the angles of ``cos``/``sin`` (L, D/2), in fp32, cast back to
+    the dtype of ``x``: ``rope.apply_rope``, or Ascend's RotaryPositionEmbedding (``fused_rope``)."""
+    if fused:
+        return fused_rope(x, cos, sin)
+    return rope.apply_rope(x, cos, sin)
+
+
+def fused_rope(x, cos, sin, kernel=None):
+    """Ascend RotaryPositionEmbedding in interleaved mode (mode 1, GPT-J style): the pair (x[2k], x[2k+1]) rotates by
+    angle k, Lumina's complex pairing. The kernel takes full-width (D) tables of the dtype of ``x``, for a BSND
+    ``x`` in the layout (1, L, 1, D), so each angle's cos and sin serve both members of its pair. ``x`` goes in as
+    fp32, as the portable path computes. ``kernel`` replaces ``ops.rotary_position_embedding`` (contract check)."""
+    kernel = ops.rotary_position_embedding if kernel is None else kernel
+    seq, half = cos.shape
+    c = mint.broadcast_to(cos.astype(ms.float32).unsqueeze(2), (seq, half, 2)).reshape(1, seq, 1, 2 * half)
+    s = mint.broadcast_to(sin.astype(ms.float32).unsqueeze(2), (seq, half, 2)).reshape(1, seq, 1, 2 * half)
+    return kernel(x.astype(ms.float32), c, s, 1).astype(x.dtype)  # (B, L, N, D)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn
 
-from .. import backend, rope
+from .. import backend
 from . import context_drop
 from .layers import LayerNorm, linear, normal_parameter, zero_linear
 
@@ -180,8 +180,9 @@ class Attention(nn.Cell):
         yk = self.wk_y(y)  # (B, Lc, Nkv*D)
         if self.qk_norm:
             xq, xk, yk = self.q_norm(xq), self.k_norm(xk), self.ky_norm(yk)
-        xq = rope.apply_rope(xq.reshape(b, seq, self.n_heads, self.head_dim), cos, sin)  # (B, L, N, D)
-        xk = rope.apply_rope(xk.reshape(b, seq, self.n_kv_heads, self.head_dim), cos, sin)  # (B, L, Nkv, D)
+        xq = xq.reshape(b, seq, self.n_heads, self.head_dim)  # (B, L, N, D)
+        xk = xk.reshape(b, seq, self.n_kv_heads, self.head_dim)  # (B, L, Nkv, D)
+        xq, xk = backend.apply_rope(xq, cos, sin, self.fused), backend.apply_rope(xk, cos, sin, self.fused)
         if merge_index is None:
             xv = self.wv(x).reshape(b, seq, self.n_kv_heads, self.head_dim)  # (B, L, Nkv, D)
         else:  # Context Drop: the finished keys pooled; the values pooled before wv, which is linear
@@ -193,7 +194,7 @@ class Attention(nn.Cell):
         if self.separate:  # the cross-attention's own query, normed and rotated as the shared one
             xq = self.wq_y(x)
             xq = self.qy_norm(xq) if self.qk_norm else xq
-            xq = rope.apply_rope(xq.reshape(b, seq, self.n_heads, self.head_dim), cos, sin)
+            xq = backend.apply_rope(xq.reshape(b, seq, self.n_heads, self.head_dim), cos, sin, self.fused)
         yk = yk.reshape(b, -1, self.n_kv_heads, self.head_dim)  # (B, Lc, Nkv, D)
         yv = self.wv_y(y).reshape(b, -1, self.n_kv_heads, self.head_dim)
         out_y = backend.attention(xq, yk, yv, y_mask, self.scale, self.fused)  # (B, L, N, D)
