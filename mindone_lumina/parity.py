@@ -377,7 +377,7 @@ def write_markdown(report: Report, probe: Probe, out: str) -> str:
         lines += ["", f"## {titles[comp]}", "", "| dtype | mode | index | rel. Frobenius | max abs | budget | result |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in report.select(comp):
-            lines.append(f"| {r.dtype} | {r.mode} | {r.index} | {r.rel:.3e} | {r.max_abs:.3e} | {r.budget:.0e} | "
+            lines.append(f"| {r.dtype} | {r.mode} | {r.index} | {r.rel:.3e} | {r.max_abs:.3e} | {r.budget:.2g} | "
                          f"{'PASS' if r.passed else 'FAIL'} |")  # fmt: skip
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:

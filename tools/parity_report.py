@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     report = parity.run(args.model, args.dtypes.split(","), args.modes.split(","), args.out)
     failed = [r for r in report.rows if not r.passed]
     for r in failed[:10]:
-        print(f"FAIL {r.dtype} {r.mode} {r.component} {r.index}: {r.rel:.3e} > {r.budget:.0e}")
+        print(f"FAIL {r.dtype} {r.mode} {r.component} {r.index}: {r.rel:.3e} > {r.budget:.2g}")
     print(f"{'PASS' if report.passed else 'FAIL'}: {len(report.rows) - len(failed)}/{len(report.rows)} rows within "
           f"budget; report in {args.out}/report.md")  # fmt: skip
     return 0 if report.passed else 1
