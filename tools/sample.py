@@ -12,7 +12,10 @@ Images go to ``--out``: a folder (``outputs``) gets ``INDEX_PROMPT-WORDS_seedSEE
 name is taken, so earlier runs are never overwritten (``--overwrite`` replaces them instead); a ``.png`` name writes
 that one file for a single prompt. PNGs carry the prompt, seed and every setting in their text metadata. Every
 argument is checked before the model is loaded; an interrupted run (Ctrl-C, SIGTERM) keeps the images it finished
-and leaves no partial file. A Lumina-T2I (Flag-DiT) checkpoint takes a LLaMA-2 folder as its text encoder:
+and leaves no partial file. Under msrun (one process per device, ``scripts/ascend/``) rank r generates prompts r,
+r + world, ... with seed + r, each under its own index.
+
+A Lumina-T2I (Flag-DiT) checkpoint takes a LLaMA-2 folder as its text encoder:
 
     python tools/sample.py --model LUMINA_T2I_DIR --text-encoder LLAMA2_7B_DIR --vae SDXL_VAE_DIR --dtype fp16 \
         --solver euler --prompt "..."
@@ -31,6 +34,7 @@ import mindspore as ms
 from mindone_lumina import cli, sampling
 from mindone_lumina.atomic import atomic_path
 from mindone_lumina.pipeline import DEFAULT_MODEL, SampleSettings, TextToImagePipeline, size_factors
+from mindone_lumina.training.loop import data_parallel_world
 from mindone_lumina.weights import lora as lora_files
 
 # flag -> SampleSettings field, for the sampling flags that default to the model's own settings
@@ -207,18 +211,31 @@ def main(argv=None):
     overrides |= check_model(args)  # the last check: it reads the model's config files
     ms.set_device(args.device)
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+    rank, world = data_parallel_world()
+    if world > 1 and single:
+        raise ValueError(f"--out {args.out} names one file, but msrun started {world} workers; name a folder")
+    mine = list(range(rank, len(prompts), world))  # msrun: every world-th prompt, noise seeded with seed + rank
+    if not mine:
+        print(f"rank {rank}: no prompt left for this worker ({len(prompts)} prompts, {world} workers)")
+        return
+    seed = args.seed + rank
+    if latents is not None and world > 1:
+        if len(latents) != len(prompts):
+            raise ValueError(f"--latents holds {len(latents)} noise samples for {len(prompts)} prompts")
+        latents = latents[mine]
     offload = {"auto": None, "on": True, "off": False}[args.offload]
     pipe = TextToImagePipeline.from_pretrained(args.model, args.dtype, args.text_encoder, args.vae, offload)
     for path, scale in loras:
         pipe.load_lora(path, scale)
     settings = dataclasses.replace(pipe.defaults, **overrides)
     settings.validate(pipe.size_multiple)  # a hub id's sizes: before any sampling
-    result = pipe(prompts, args.negative_prompt, seed=args.seed, latents=latents, settings=settings)
-    run_info = {"negative_prompt": args.negative_prompt, "seed": args.seed, "model": args.model, "dtype": args.dtype,
+    result = pipe([prompts[i] for i in mine], args.negative_prompt, seed=seed, latents=latents, settings=settings)
+    run_info = {"negative_prompt": args.negative_prompt, "seed": seed, "model": args.model, "dtype": args.dtype,
                 "text_encoder": args.text_encoder, "vae": args.vae, "latents": args.latents,
                 "lora": [{"path": p, "scale": sc} for p, sc in loras] or None}  # fmt: skip
-    for i, (prompt, image) in enumerate(zip(prompts, result.images)):
-        path = single or os.path.join(args.out, f"{i:03d}_{cli.slug(prompt)}_seed{args.seed}.png")
+    for i, image in zip(mine, result.images):
+        prompt = prompts[i]
+        path = single or os.path.join(args.out, f"{i:03d}_{cli.slug(prompt)}_seed{seed}.png")
         info = {"prompt": prompt, **{k: v for k, v in run_info.items() if v is not None},
                 "settings": vars(settings) | {"height": image.height, "width": image.width}}  # fmt: skip
         print(f"wrote {cli.save_png(image, path, info, args.overwrite, counter=single is None)}")
