@@ -28,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from datetime import datetime
 
 import numpy as np
@@ -41,20 +40,8 @@ PROMPT = "a photo of a red fox sitting in the snow, golden hour"
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Random full-size weights
+# Random full-size weights (``weights.load.random_specs``)
 # ------------------------------------------------------------------------------------------------------------------
-def random_specs(shapes: dict, norm_offset: float):
-    """Streaming specs of seeded random tensors: norm weights ``norm_offset`` + 0.02 N, everything else 0.02 N."""
-    from mindone_lumina.weights.tensors import TensorSpec
-
-    def fetch(name, shape):
-        rng = np.random.default_rng(zlib.crc32(name.encode()))
-        value = 0.02 * rng.standard_normal(shape, dtype=np.float32)
-        return value + norm_offset if "norm" in name and name.endswith("weight") else value
-
-    return [TensorSpec(n, s, "float32", lambda n=n, s=s: fetch(n, s)) for n, s in sorted(shapes.items())]
-
-
 def gemma_tokenizer_dir() -> str:
     root = os.path.join(ROOT, "tests", ".cache", "tokenizer-gemma-3.7.2")
     folder = os.path.join(root, "package", "models")
@@ -71,7 +58,7 @@ def write_folders(work: str) -> None:
     from mindone_lumina.models.nextdit import PRESETS, NextDiT
     from mindone_lumina.text.decoder import DecoderEncoder
     from mindone_lumina.text.gemma import GemmaConfig
-    from mindone_lumina.weights.load import empty, param_shapes
+    from mindone_lumina.weights.load import empty, param_shapes, random_specs
     from mindone_lumina.weights.nextdit import NEXTDIT
     from mindone_lumina.weights.safetensors import write_safetensors
 
