@@ -32,6 +32,7 @@ import tempfile
 import numpy as np
 
 from mindone_lumina import atomic, cli, golden
+from mindone_lumina.parity import randomize_torch_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGDIT_FIXTURE = os.path.join(ROOT, "tests", "fixtures", "original-flagdit-tiny")
@@ -60,19 +61,6 @@ def parser():
     return p
 
 
-def randomize_(module, seed: int, std: float = 0.1):
-    """Every parameter random in place: norm scales 1 + 0.1 N(0, 1), everything else std N(0, 1)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            is_scale = p.ndim == 1 and "norm" in name and name.endswith("weight")
-            p.copy_((1.0 + 0.1 * noise) if is_scale else std * noise)
-    return module
-
-
 def build_pipeline(folder: str):
     """The tiny diffusers ``LuminaPipeline`` saved into ``folder``; returns it (fp32, eval, right padding)."""
     import torch
@@ -85,14 +73,14 @@ def build_pipeline(folder: str):
         train_tokenizer(TEXTS, 300).save_pretrained(tmp)
         tokenizer = GemmaTokenizerFast.from_pretrained(tmp)
     tokenizer.padding_side = "right"
-    torch.manual_seed(0)  # the constructors draw initial weights; randomize_ overwrites them all
-    text_encoder = randomize_(GemmaModel(GemmaConfig(vocab_size=len(tokenizer), **GEMMA)).eval(), 1, std=0.3)
-    transformer = randomize_(LuminaNextDiT2DModel(**NEXTDIT).eval(), 2)
+    torch.manual_seed(0)  # the constructors draw initial weights; randomize_torch_ overwrites them all
+    text_encoder = randomize_torch_(GemmaModel(GemmaConfig(vocab_size=len(tokenizer), **GEMMA)).eval(), 1, std=0.3)
+    transformer = randomize_torch_(LuminaNextDiT2DModel(**NEXTDIT).eval(), 2)
     with torch.no_grad():  # the released checkpoints' tied query: attn2 reads attn1's
         for block in transformer.layers:
             block.attn2.to_q.weight.copy_(block.attn1.to_q.weight)
             block.attn2.norm_q.load_state_dict(block.attn1.norm_q.state_dict())
-    vae = randomize_(AutoencoderKL(**VAE).eval(), 3, std=0.05)
+    vae = randomize_torch_(AutoencoderKL(**VAE).eval(), 3, std=0.05)
     pipe = LuminaPipeline(transformer, FlowMatchEulerDiscreteScheduler(), vae, text_encoder, tokenizer)
     pipe.save_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
