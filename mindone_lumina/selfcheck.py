@@ -198,6 +198,8 @@ def speed(bundle: Bundle, arch: str, dtype: str, size: int = 1024, repeats: int 
         raise ValueError(f"speed arch must be one of {SPEED_ARCHS}, got {arch!r}")
     dt = ms_dtype(dtype)
     backend.check_dtype_supported(dt)
+    if not backend.is_cpu():
+        ms.runtime.reset_peak_memory_stats()  # the device peak of this timing, not of the checks before it
     if arch == "golden":
         cfg = components.load_transformer(bundle.path("transformer")).cfg
     else:

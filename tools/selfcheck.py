@@ -77,9 +77,12 @@ def main(argv=None) -> int:
     header = (f"Self-check of mindone-lumina on {args.device} (rank {rank} of {world}), MindSpore {ms.__version__}, "
               f"{machine}, {when}; bundle {bundle.folder}")  # fmt: skip
     text = [header, "", selfcheck.table(rows)]
-    if args.speed != "off":
-        result = selfcheck.speed(bundle, args.speed, speed_dtype, repeats=args.repeats)
-        text += ["", selfcheck.speed_table([result], args.device, command)]
+    if args.speed != "off":  # a failed timing is a failed row, after the component table it must not lose
+        try:
+            result = selfcheck.speed(bundle, args.speed, speed_dtype, repeats=args.repeats)
+            text += ["", selfcheck.speed_table([result], args.device, command)]
+        except Exception as e:  # noqa: BLE001
+            rows.append(selfcheck.Row("speed", args.speed, speed_dtype, float("nan"), 0.0, cli.one_line(e)))
     failed = [r for r in rows if not r.passed]
     verdict = "PASS" if not failed else "FAIL: " + ", ".join(sorted({r.component for r in failed}))
     text += ["", f"{verdict} ({len(rows) - len(failed)}/{len(rows)} rows within budget)"]
