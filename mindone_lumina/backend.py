@@ -138,13 +138,14 @@ def attention(q, k, v, key_mask, scale: float, fused: bool = False, attn_mask=No
         k, v: (B, S, Nkv, D) keys and values; N must be a multiple of Nkv (query head h uses kv head h // (N // Nkv)).
         key_mask: (B, S) bool, True = attend, or None for no mask.
         scale: softmax scale (a Python float, a graph constant).
-        fused: use Ascend ``flash_attention_score``.
+        fused: use Ascend ``flash_attention_score`` for fp16 and bf16 inputs (it takes no fp32: fp32 inputs keep the
+            portable path, so an fp32 run computes in fp32 on every device).
         attn_mask: optional (B or 1, 1, L, S) bool, True = attend (e.g. a causal mask), combined with ``key_mask``.
 
     Returns:
         (B, L, N, D) in the dtype of ``q``.
     """
-    if fused:
+    if fused and q.dtype in _FA_DTYPES:  # fp32 stays fp32 on Ascend too: the kernel would compute in fp16
         return flash_attention(q, k, v, key_mask, scale, attn_mask)
     b, seq_q, n, _ = q.shape
     seq_k, n_kv = k.shape[1], k.shape[2]
