@@ -200,10 +200,7 @@ def speed(bundle: Bundle, arch: str, dtype: str, size: int = 1024, repeats: int 
     backend.check_dtype_supported(dt)
     if not backend.is_cpu():
         ms.runtime.reset_peak_memory_stats()  # the device peak of this timing, not of the checks before it
-    if arch == "golden":
-        cfg = components.load_transformer(bundle.path("transformer")).cfg
-    else:
-        cfg = nextdit.resolve_config(arch)
+    cfg = components.dit_config(bundle.path("transformer")) if arch == "golden" else nextdit.resolve_config(arch)
     model = empty(nextdit.NextDiT, cfg)
     load_specs(model, random_specs(param_shapes(model), 1.0), "random weights", dt)
     if backend.is_cpu() and ms.get_context("mode") == ms.GRAPH_MODE:
