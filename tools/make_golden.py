@@ -19,8 +19,11 @@ Cases (every weight random and seeded, so zero-initialised gates and adaLN layer
 - ``training/plain``: the flow-matching loss and the gradient of every parameter, keyed by the PROJECT's parameter
   names (a tensor diffusers holds twice, the tied query, gets the sum of both copies' gradients).
 
-Deterministic: one torch thread, seeded generators, files without timestamps; ``--check`` regenerates into a temporary
-folder and exits 1 unless every file is bit-identical to ``--out``.
+Deterministic: one torch thread, seeded generators, files without timestamps. ``--check`` regenerates into a temporary
+folder and compares with ``--out``: every file bit for bit, except the case arrays, which must have the same keys,
+shapes and dtypes and values equal to within ``CHECK_RTOL`` of the largest magnitude of their case (the outputs of
+torch's CPU kernels round differently from one processor to another: regenerated on an AMD EPYC, the bundle written
+on an Intel Xeon differed by up to 2.7e-6, in the training gradients); exits 1 otherwise.
 """
 
 import filecmp
@@ -33,6 +36,7 @@ import numpy as np
 
 from mindone_lumina import atomic, cli, golden
 from mindone_lumina.parity import randomize_torch_
+from mindone_lumina.weights.safetensors import SafetensorsFile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGDIT_FIXTURE = os.path.join(ROOT, "tests", "fixtures", "original-flagdit-tiny")
@@ -52,12 +56,17 @@ NEXTDIT_CASES = {"plain": (6, 10, 1.0, None, None), "pi": (10, 14, 2.0, 16, 0.2)
 WATERSHED = 0.5
 SAMPLING = dict(height=48, width=80, steps=3, guidance_scale=4.0)
 CAPTION_LEN, PADDED_FROM = 8, 5
+CHECK_RTOL = 1e-5  # --check: a tenth of the tightest fp32 budget in tolerances.py
 
 
 def parser():
     p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=golden.SHIPPED, help="bundle folder (replaced whole when written)")
-    p.add_argument("--check", action="store_true", help="regenerate elsewhere and compare bit for bit with --out")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="regenerate elsewhere and compare with --out (module docstring; default: write --out)",
+    )
     return p
 
 
@@ -240,15 +249,40 @@ def generate(folder: str) -> None:
     golden.write_manifest(folder, manifest())
 
 
-def differences(new: str, old: str) -> list:
-    """Relative paths of files that differ, or exist on one side only."""
+def differences(new: str, old: str) -> tuple:
+    """(problems, largest relative difference of the case arrays): files that differ or exist on one side only, case
+    arrays that differ in key, shape or dtype, or by more than ``CHECK_RTOL``."""
 
     def files(root):
         return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
 
     a, b = files(new), files(old)
-    changed = [p for p in sorted(a & b) if not filecmp.cmp(os.path.join(new, p), os.path.join(old, p), shallow=False)]
-    return sorted(a ^ b) + changed
+    same = sorted((a & b) - {golden.CASES})
+    problems = sorted(a ^ b) + [p for p in same if not filecmp.cmp(*(os.path.join(r, p) for r in (new, old)), False)]
+    if golden.CASES not in a & b:
+        return problems, 0.0
+    fresh, shipped = (SafetensorsFile(os.path.join(r, golden.CASES)) for r in (new, old))
+    problems += [f"{golden.CASES}: {k} on one side only" for k in sorted(set(fresh.keys()) ^ set(shipped.keys()))]
+    common = sorted(set(fresh.keys()) & set(shipped.keys()))
+    # each array against the largest magnitude of its group ("training/plain/grad", "nextdit/pi"): a gradient that is
+    # zero but for rounding (a key-norm bias under softmax) is judged on its model's gradients, as the self-check does
+    scale = {}
+    for key in common:
+        group = key.rsplit("/", 1)[0]
+        scale[group] = max(scale.get(group, 0.0), float(np.abs(shipped.read(key).astype(np.float64)).max(initial=0)))
+    worst = 0.0
+    for key in common:
+        x, y = fresh.read(key), shipped.read(key)
+        if x.shape != y.shape or x.dtype != y.dtype:
+            problems.append(f"{golden.CASES}: {key} is {x.dtype}{list(x.shape)}, shipped {y.dtype}{list(y.shape)}")
+            continue
+        if np.array_equal(x, y):
+            continue
+        rel = float(np.abs(x.astype(np.float64) - y).max() / max(scale[key.rsplit("/", 1)[0]], 1e-30))
+        worst = max(worst, rel)
+        if not rel <= CHECK_RTOL:  # NaN fails too
+            problems.append(f"{golden.CASES}: {key} differs by {rel:.2g} of its group's largest value")
+    return problems, worst
 
 
 def main(argv=None) -> int:
@@ -259,9 +293,12 @@ def main(argv=None) -> int:
             fresh = os.path.join(tmp, "golden")
             os.makedirs(fresh)
             generate(fresh)
-            diff = differences(fresh, args.out)
-        print("bit-identical" if not diff else f"differs from {args.out}: {', '.join(diff)}")
-        return 1 if diff else 0
+            problems, worst = differences(fresh, args.out)
+        if problems:
+            print(f"differs from {args.out}: " + "; ".join(problems))
+            return 1
+        print("bit-identical" if worst == 0 else f"equal: every file bit for bit, the case arrays within {worst:.2g}")
+        return 0
     with atomic.staged_folder(args.out, replace=True) as tmp:
         generate(tmp)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.out) for f in fs)
