@@ -242,6 +242,15 @@ def test_optimizer_steps_equal_torch_adamw(grad_accum):
             assert err <= 3e-5, (name, err)
 
 
+def test_norm_buckets_group_consecutive_tensors_up_to_the_limit():
+    from mindone_lumina.training.step import norm_buckets
+
+    assert norm_buckets([(4, 4), (8,), (2, 2), (20,), (1,)], limit=24) == ((0, 1), (2, 3), (4,))
+    assert norm_buckets([(30,), (2,)], limit=24) == ((0,), (1,))  # larger than the limit: a group of its own
+    assert norm_buckets([(3,)] * 4) == ((0, 1, 2, 3),)
+    assert norm_buckets([]) == ()
+
+
 def test_lr_schedule():
     cfg = training.TrainConfig(data="d", output="o", lr=1.0, warmup_steps=10, steps=110, lr_schedule="cosine")
     assert training.lr_at(cfg, 0) == pytest.approx(0.1)
