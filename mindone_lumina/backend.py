@@ -57,11 +57,53 @@ def check_dtype_supported(dtype) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 # Normalisation
 # ------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------------
+# Broadcasts and reductions
+# ------------------------------------------------------------------------------------------------------------------
+# MindSpore's CPU ReduceSum/ReduceMean cost about 1.2 ms on 393K floats, almost whatever the axes, where a matmul with
+# a vector of ones takes 0.05 ms (measured, benchmarks/README "CPU kernels"). Autodiff turns every broadcast of the
+# forward pass into a ReduceSum of the backward one (a (B, 1, D) adaLN scale times (B, L, D) tokens: a sum over L),
+# so the portable path spreads such vectors with a matmul by ones, which is exact (one product per element, nothing
+# summed), and whose gradient is again a matmul. On the fused path the consumer broadcasts.
+
+
+def spread_tokens(v, length: int, fused: bool = False):
+    """``v`` (B, D) for every one of ``length`` tokens: (B, L, D), or (B, 1, D) to broadcast on the fused path."""
+    if fused:
+        return v.unsqueeze(1)
+    return _times_ones(v.unsqueeze(1), (v.shape[0], length, 1), ops.bmm)  # (B, L, 1) @ (B, 1, D)
+
+
+def spread_features(w, like, fused: bool = False):
+    """A (D,) vector at every position of ``like`` (..., D), or ``w`` itself to broadcast on the fused path."""
+    if fused:
+        return w
+    rows = 1
+    for n in like.shape[:-1]:
+        rows *= n
+    return _times_ones(w.reshape(1, -1), (rows, 1), ops.matmul).reshape(like.shape)  # (N, 1) @ (1, D)
+
+
+def _times_ones(v, ones_shape: tuple, product):
+    """``product(ones, v)``, in fp32 for bf16 (no bf16 matmul on CPU; exact either way: nothing is summed)."""
+    if v.dtype == ms.bfloat16:
+        return product(ops.ones(ones_shape, ms.float32), v.astype(ms.float32)).astype(v.dtype)
+    return product(ops.ones(ones_shape, v.dtype), v)
+
+
+def _mean_last(x):
+    """(..., D) -> (..., D), each row's mean at every position of the row, as two matmuls (see above)."""
+    d = x.shape[-1]
+    # 2-D products: PyNative ran a 3-D ``ops.matmul`` as another kernel than graph mode, which summed in another order
+    mean = ops.matmul(x.reshape(-1, d), ops.ones((d, 1), x.dtype) * (1.0 / d))  # (N, 1)
+    return ops.matmul(mean, ops.ones((1, d), x.dtype)).reshape(x.shape)
+
+
 def rms_norm(x, weight, eps: float, fused: bool = False):
     """LLaMA RMSNorm as the Lumina reference: normalise in fp32, cast back, then multiply by the weight."""
     if fused:
         return fused_rms_norm(x, weight, eps)
-    return _rms_normalise(x, eps).astype(x.dtype) * weight
+    return _rms_normalise(x, eps).astype(x.dtype) * spread_features(weight, x)
 
 
 def fused_rms_norm(x, weight, eps: float, kernel=None):
@@ -78,7 +120,7 @@ def rms_norm_offset(x, weight, eps: float):
 
 def _rms_normalise(x, eps: float):
     x32 = x.astype(ms.float32)
-    return x32 * ops.rsqrt(mint.mean(x32 * x32, dim=-1, keepdim=True) + eps)
+    return x32 * ops.rsqrt(_mean_last(x32 * x32) + eps)
 
 
 def layer_norm(x, weight, bias, eps: float, fused: bool = False):
@@ -87,14 +129,13 @@ def layer_norm(x, weight, bias, eps: float, fused: bool = False):
         y = mint.nn.functional.layer_norm(x.astype(ms.float32), (x.shape[-1],), None, None, eps)
     else:
         x32 = x.astype(ms.float32)
-        mean = mint.mean(x32, dim=-1, keepdim=True)
-        var = mint.mean(mint.square(x32 - mean), dim=-1, keepdim=True)
-        y = (x32 - mean) * ops.rsqrt(var + eps)
+        centred = x32 - _mean_last(x32)
+        y = centred * ops.rsqrt(_mean_last(mint.square(centred)) + eps)
     y = y.astype(x.dtype)
     if weight is not None:
-        y = y * weight
+        y = y * spread_features(weight, y, fused)
     if bias is not None:
-        y = y + bias
+        y = y + spread_features(bias, y, fused)
     return y
 
 

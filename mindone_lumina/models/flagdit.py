@@ -21,7 +21,7 @@ import numpy as np
 
 from mindspore import Tensor, mint, nn
 
-from .. import rope
+from .. import backend, rope
 from . import dit_blocks
 from .dit_blocks import Attention, CheckedInputs, DiTShape, FeedForward
 from .layers import RMSNorm, zero_linear
@@ -82,9 +82,11 @@ class TransformerBlock(nn.Cell):
         self.ffn_norm = RMSNorm(d, eps)
         self.adaLN_modulation = nn.SequentialCell([nn.SiLU(), zero_linear(cfg.cond_dim, 6 * d)])
         self.attention_y_norm = RMSNorm(cfg.cap_feat_dim, eps)
+        self.fused = backend.use_fused_kernels()
 
     def construct(self, x, cos, sin, gain, y, y_mask, c):
-        mod = mint.chunk(self.adaLN_modulation(c).unsqueeze(1), 6, dim=2)  # (B, 1, dim) x6
+        mod = backend.spread_tokens(self.adaLN_modulation(c), x.shape[1], self.fused)  # (B, L or 1, 6 dim)
+        mod = mint.chunk(mod, 6, dim=2)  # (B, L or 1, dim) x6
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         h = self.attention_norm(x) * (1 + scale_msa) + shift_msa
         x = x + gate_msa * self.attention(h, cos, sin, gain, self.attention_y_norm(y), y_mask)
