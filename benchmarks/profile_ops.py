@@ -1,8 +1,10 @@
-"""Top ten MindSpore CPU op types of the training step, by time, from MindSpore's own Profiler.
+"""Top ten MindSpore CPU op types of a training step, by time, from MindSpore's own Profiler.
 
     python benchmarks/profile_ops.py [--model bench] [--batch 4] [--tokens 256] [--steps 3] [--precision fp32]
+    python benchmarks/profile_ops.py --vae [--batch 16]      # the VAE step of bench_vae_train.py (shipped recipe)
 
-The step is ``bench_train.py``'s (``training.Trainer.step`` in graph mode, same model, batch and weights). Two
+The step is ``bench_train.py``'s (``training.Trainer.step`` in graph mode, same model, batch and weights) or, with
+``--vae``, ``bench_vae_train.py``'s (``configs/shapes-vae.yaml``, batch 16 unless ``--batch`` is given). Two
 warm-up steps, then ``--steps`` profiled ones; the table gives per step each op type's kernel count, milliseconds and
 share of the summed kernel time, and the total kernel count. Kernel times of tiny ops are inflated by the profiler
 (a ReduceSum of 384 floats reads 0.65 ms in the profile and 0.01 ms in a graph of its own), so read the table for
@@ -17,6 +19,7 @@ import platform
 import tempfile
 
 import bench_train
+import bench_vae_train
 
 
 def top_ops(folder: str, steps: int, count: int = 10) -> tuple:
@@ -34,17 +37,25 @@ def top_ops(folder: str, steps: int, count: int = 10) -> tuple:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(bench_train.MODELS), default="bench", help="(default: bench)")
-    p.add_argument("--batch", type=int, default=4, help="(default: 4)")
+    p.add_argument("--vae", action="store_true", help="profile the VAE training step instead (default: Next-DiT)")
+    p.add_argument("--batch", type=int, default=None, help="(default: 4; with --vae 16)")
     p.add_argument("--tokens", type=int, default=256, help="image tokens per sample (default: 256)")
     p.add_argument("--steps", type=int, default=3, help="profiled steps after two warm-up steps (default: 3)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="(default: fp32)")
     args = p.parse_args()
+    args.batch = args.batch or (16 if args.vae else 4)
     if args.steps < 1 or args.batch < 1 or args.tokens < 1:
         p.error("--steps, --batch and --tokens must be positive")
     import mindspore as ms
 
-    bench_train.CONFIG, bench_train.CAPTION = bench_train.MODELS[args.model]
-    step = bench_train.project_step(args.precision, args.batch, args.tokens)
+    if args.vae:
+        recipe = argparse.Namespace(recipe="configs/shapes-vae.yaml", batch=args.batch)
+        step = bench_vae_train.project_step(bench_vae_train.load_recipe(recipe))
+        what = f"VAE of configs/shapes-vae.yaml, batch {args.batch}, fp32"
+    else:
+        bench_train.CONFIG, bench_train.CAPTION = bench_train.MODELS[args.model]
+        step = bench_train.project_step(args.precision, args.batch, args.tokens)
+        what = f"{args.model} model, batch {args.batch} x {args.tokens} tokens, {args.precision}"
     step()
     step()
     with tempfile.TemporaryDirectory() as out:
@@ -54,8 +65,8 @@ def main():
         profiler.stop()
         profiler.analyse()
         total, kernels, top = top_ops(out, args.steps)
-    print(f"# {platform.processor() or platform.machine()}, mindspore {ms.__version__}; {args.model} model, batch "
-          f"{args.batch} x {args.tokens} tokens, {args.precision}, {args.steps} profiled steps")  # fmt: skip
+    machine = platform.processor() or platform.machine()
+    print(f"# {machine}, mindspore {ms.__version__}; {what}, {args.steps} profiled steps")
     print(f"# kernel time {total:.1f} ms per step, {kernels} kernels per step")
     print("| op type | kernels / step | ms / step | share |")
     print("|---|---|---|---|")
