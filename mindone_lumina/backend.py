@@ -55,16 +55,13 @@ def check_dtype_supported(dtype) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Normalisation
-# ------------------------------------------------------------------------------------------------------------------
-# ------------------------------------------------------------------------------------------------------------------
 # Broadcasts and reductions
 # ------------------------------------------------------------------------------------------------------------------
 # MindSpore's CPU ReduceSum/ReduceMean cost about 1.2 ms on 393K floats, almost whatever the axes, where a matmul with
-# a vector of ones takes 0.05 ms (measured, benchmarks/README "CPU kernels"). Autodiff turns every broadcast of the
-# forward pass into a ReduceSum of the backward one (a (B, 1, D) adaLN scale times (B, L, D) tokens: a sum over L),
-# so the portable path spreads such vectors with a matmul by ones, which is exact (one product per element, nothing
-# summed), and whose gradient is again a matmul. On the fused path the consumer broadcasts.
+# a vector of ones takes 0.05 ms (measured: benchmarks/README, "Broadcasts and reductions as matmuls"). Autodiff turns
+# every broadcast of the forward pass into a ReduceSum of the backward one (a (B, 1, D) adaLN scale times (B, L, D)
+# tokens: a sum over L), so the portable path spreads such vectors with a matmul by ones, which is exact (one product
+# per element, nothing summed), and whose gradient is again a matmul. On the fused path the consumer broadcasts.
 
 
 def spread_tokens(v, length: int, fused: bool = False):
@@ -97,6 +94,11 @@ def _mean_last(x):
     # 2-D products: PyNative ran a 3-D ``ops.matmul`` as another kernel than graph mode, which summed in another order
     mean = ops.matmul(x.reshape(-1, d), ops.ones((d, 1), x.dtype) * (1.0 / d))  # (N, 1)
     return ops.matmul(mean, ops.ones((1, d), x.dtype)).reshape(x.shape)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Normalisation
+# ------------------------------------------------------------------------------------------------------------------
 
 
 def rms_norm(x, weight, eps: float, fused: bool = False):
