@@ -5,6 +5,7 @@ Loss (time convention in ``sampling.py``): with data x1, noise x0 and t, ``x_t =
 regressed onto the velocity ``x1 - x0`` (mean squared error), as Lumina-T2X ``lumina_next_t2i_mini/train.py``.
 """
 
+import math
 import os
 
 import mindspore as ms
@@ -95,9 +96,7 @@ def norm_buckets(shapes, limit: int = 1 << 24) -> tuple:
     model's step; the bound keeps the flattened copy at 64 MB on a 2B model."""
     groups, current, size = [], [], 0
     for i, shape in enumerate(shapes):
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         if current and size + n > limit:
             groups.append(tuple(current))
             current, size = [], 0
