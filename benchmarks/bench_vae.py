@@ -42,6 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--tile", type=int, default=64, help="tile side in latent pixels for tiled cases")
     p.add_argument("--weights", default=None, help="reuse a folder written by an earlier run")
     p.add_argument("--max-memory-gb", type=float, default=18.0, help="address-space cap of each worker (RLIMIT_AS)")
+    p.add_argument(
+        "--taps", action="store_true",
+        help="MindSpore keeps oneDNN's AVX-512 and computes convolutions as per-tap matmuls (default: as tools/vae.py "
+        "runs, backend.favour_convolutions)",
+    )  # fmt: skip
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -76,11 +81,13 @@ def run_case(spec: dict) -> dict:
         import mindspore as ms
         from mindspore import Tensor
 
+        from mindone_lumina import backend
         from mindone_lumina.components import load_vae
         from mindone_lumina.models.vae import Tiling
 
         ms.set_device("CPU")
         ms.set_context(mode=ms.GRAPH_MODE)
+        native = False if spec["taps"] else backend.favour_convolutions()  # what tools/vae.py does
         model = load_vae(spec["weights"])
         tiling = Tiling(tile, 0.25) if tiled else None
         zm = Tensor(z)
@@ -88,7 +95,7 @@ def run_case(spec: dict) -> dict:
         def decode():
             return model.decode(zm, tiling).asnumpy()
 
-        info = f"mindspore {ms.__version__}, graph mode"
+        info = f"mindspore {ms.__version__}, graph mode, {'native' if native else 'per-tap'} convolution"
     loaded = rss_gb()
     t0 = time.perf_counter()
     out = decode()
@@ -141,7 +148,7 @@ def main(argv=None):
         for name in cases:
             framework, side, tiled = CASES[name]
             spec = dict(framework=framework, side=side, tiled=tiled, tile=args.tile, repeats=args.repeats)
-            spec["max_memory_gb"] = args.max_memory_gb
+            spec["max_memory_gb"], spec["taps"] = args.max_memory_gb, args.taps
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps({**spec, "weights": weights})]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode:

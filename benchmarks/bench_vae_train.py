@@ -39,16 +39,18 @@ def batch(cfg):
     return x, eps
 
 
-def project_step(cfg):
+def project_step(cfg, taps: bool = False):
     import mindspore as ms
     from mindspore import Tensor
 
-    from mindone_lumina import training
+    from mindone_lumina import backend, training
     from mindone_lumina.models.vae import AutoencoderKL
     from mindone_lumina.training.vae import VAELoss
     from mindone_lumina.weights.load import load_state_dict
 
     ms.set_context(mode=ms.GRAPH_MODE)
+    if not taps:  # what tools/train_vae.py does
+        backend.favour_convolutions()
     model = AutoencoderKL(cfg.vae_config)
     load_state_dict(model, initial_state(cfg.vae_config))
     trainer = training.Trainer(VAELoss(model, cfg.kl_weight), cfg)
@@ -100,13 +102,15 @@ def load_recipe(args):
 
 def worker(kind: str, args) -> dict:
     cfg = load_recipe(args)
-    return time_steps(torch_step(cfg) if kind == "torch" else project_step(cfg), args.repeats)
+    return time_steps(torch_step(cfg) if kind == "torch" else project_step(cfg, args.taps), args.repeats)
 
 
 def run_worker(kind: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--recipe", args.recipe, "--repeats", str(args.repeats)]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
+    if args.taps:
+        cmd += ["--taps"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -116,6 +120,11 @@ def main():
     p.add_argument("--recipe", default="configs/shapes-vae.yaml")
     p.add_argument("--batch", type=int, default=None, help="default: the recipe's batch_size")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--taps", action="store_true",
+        help="MindSpore keeps oneDNN's AVX-512 and computes convolutions as per-tap matmuls (default: as "
+        "tools/train_vae.py runs, backend.favour_convolutions)",
+    )  # fmt: skip
     p.add_argument("--worker", choices=["torch", "fp32"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

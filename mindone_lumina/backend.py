@@ -1,8 +1,9 @@
 """Kernels that differ between Ascend and the portable (CPU) path, behind one capability check.
 
 Every model file calls these functions and nothing else backend-specific. A Cell decides once, at construction, whether
-it uses fused kernels (``use_fused_kernels()``) and stores the answer as a Python constant, so graph mode folds the
-branch away. The portable path is what CI tests; the fused path runs only on Ascend (see README, "Ascend vs CPU").
+it uses fused kernels (``use_fused_kernels()``; for convolutions ``native_conv()``, which is also true where MindSpore's
+CPU kernel is fast) and stores the answer as a Python constant, so graph mode folds the branch away. The portable path
+is what CI tests (for convolutions both CPU paths); the fused path runs only on Ascend (see README, "Ascend vs CPU").
 
 Each fused path is argument preparation plus one kernel call, with the kernel a parameter (``kernel=None``: the real
 one), so that ``kernel_contracts.check`` runs the exact preparation on CPU with a NumPy emulator of the kernel's
@@ -11,6 +12,7 @@ documented contract in its place.
 Set ``MINDONE_LUMINA_PORTABLE=1`` to force the portable ops on Ascend (useful to bisect a numeric difference).
 """
 
+import ctypes
 import os
 
 import mindspore as ms
@@ -286,25 +288,71 @@ def fused_rope(x, cos, sin, kernel=None):
 # ------------------------------------------------------------------------------------------------------------------
 # Convolution
 # ------------------------------------------------------------------------------------------------------------------
-def conv2d(x, weight, bias, stride: int = 1, padding: int = 0, fused: bool = False):
+# MindSpore's CPU Conv2D is oneDNN (mindspore/lib/libdnnl.so.3) on plain NCHW activations and OIHW weights. Where oneDNN
+# may use AVX-512, it gives a 3x3 conv to `jit_uni_ncsp`, which reorders the activations to NHWC and nests the first
+# NHWC implementation that accepts plain OIHW weights: its reference kernel (about 1 GFLOP/s; `ONEDNN_VERBOSE=1` prints
+# `jit_uni_ncsp:conv+ref:any`). Below AVX-512 oneDNN runs `gemm:jit` (im2col + sgemm, 150-240 GFLOP/s measured), but
+# its matmuls lose a third of their speed (benchmarks/README, "Convolution on oneDNN's gemm kernel"). So the CPU path
+# uses the framework kernel only where oneDNN runs below AVX-512 (a processor without it, ONEDNN_MAX_CPU_ISA, or
+# ``favour_convolutions``) and one matmul per kernel tap elsewhere.
+_ONEDNN_AVX512_CORE = 0x27  # dnnl_cpu_isa_avx512_core; every AVX-512 level of dnnl_cpu_isa_t has all of these bits
+_ONEDNN_AVX2 = 0x7  # dnnl_cpu_isa_avx2
+_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+def _onednn():
+    """MindSpore's oneDNN library, or None (another MindSpore build; the caller keeps the portable path)."""
+    try:
+        return ctypes.CDLL(os.path.join(os.path.dirname(ms.__file__), "lib", "libdnnl.so.3"))
+    except OSError:
+        return None
+
+
+def native_conv() -> bool:
+    """Whether ``conv2d`` should run the framework's kernel: on Ascend, and on CPU where oneDNN runs below AVX-512.
+
+    Reading oneDNN's instruction set fixes it for the process (``favour_convolutions`` cannot change it afterwards),
+    so a Cell asks at construction, after the process has chosen.
+    """
+    if use_fused_kernels():
+        return True
+    if not is_cpu():
+        return False
+    lib = _onednn()
+    return lib is not None and (lib.dnnl_get_effective_cpu_isa() & _ONEDNN_AVX512_CORE) != _ONEDNN_AVX512_CORE
+
+
+def favour_convolutions() -> bool:
+    """For a process whose work is mostly convolution (VAE training, encoding, decoding): on CPU, cap oneDNN at AVX2
+    so that convolutions run on the framework kernel; matmuls then run about a third slower.
+
+    Call after ``ms.set_device`` and before the first MindSpore op. Leaves an ``ONEDNN_MAX_CPU_ISA`` set by the user
+    alone, and cannot act once oneDNN has run. Returns ``native_conv()``.
+    """
+    lib = _onednn() if is_cpu() else None
+    if lib is not None and not any(os.environ.get(v) for v in _ISA_VARIABLES):
+        lib.dnnl_set_max_cpu_isa(_ONEDNN_AVX2)  # status 2 (invalid arguments) once oneDNN has run: nothing changes
+    return native_conv()
+
+
+def conv2d(x, weight, bias, stride: int = 1, padding: int = 0, native: bool = False):
     """torch ``conv2d`` (NCHW, zero padding on all sides, no groups or dilation).
 
-    The portable path is a sum of one matmul per kernel tap: MindSpore 2.10's CPU Conv2D kernel runs a 3x3 conv 5-20x
-    slower than the equivalent matmuls, and its pad and strided-slice kernels are slow too. Each tap therefore reads a
+    Without ``native`` it is a sum of one matmul per kernel tap (see the section comment for why): each tap reads a
     contiguous slice of the image flattened over rows (see ``_conv2d_same``); other strides and paddings first split
     the padded image into ``stride * stride`` phase images. Taps are summed in fp32, as a half-precision conv
-    accumulates.
+    accumulates (MindSpore's CPU kernel computes half precision in fp32 too).
 
     Args:
         x: (B, C, H, W).
         weight: (O, C, kh, kw); bias: (O,).
         stride, padding: Python ints (graph constants).
-        fused: use the framework's convolution kernel (Ascend).
+        native: use the framework's convolution kernel (``native_conv()``).
 
     Returns:
         (B, O, Ho, Wo) with Ho = (H + 2 padding - kh) // stride + 1, likewise Wo.
     """
-    if fused:
+    if native:
         return ops.conv2d(x, weight, bias, stride=stride, pad_mode="pad", padding=padding)
     b, c, h, w = x.shape
     o, _, kh, kw = weight.shape

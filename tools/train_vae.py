@@ -22,7 +22,7 @@ def _export(cfg, trainer, folder):
 
 
 def main(argv=None):
-    run_tool(__doc__.splitlines()[0], VAETrainConfig, train_vae, _export, argv)
+    run_tool(__doc__.splitlines()[0], VAETrainConfig, train_vae, _export, argv, convolutions=True)
 
 
 if __name__ == "__main__":

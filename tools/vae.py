@@ -16,7 +16,7 @@ import numpy as np
 
 import mindspore as ms
 
-from mindone_lumina import cli, components
+from mindone_lumina import backend, cli, components
 from mindone_lumina.dtypes import ms_dtype
 from mindone_lumina.models import vae
 
@@ -126,6 +126,7 @@ def main(argv=None):
         data = read_images(args)
         cli.output_file(args.output, "--output", overwrite=True)
     ms.set_device(args.device)
+    backend.favour_convolutions()  # a VAE is convolutions
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     model = components.load_vae(args.vae, ms_dtype(args.dtype))
     what = decode(args, model, data, tiling, pngs) if args.command == "decode" else encode(args, model, data)

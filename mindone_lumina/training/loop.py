@@ -11,7 +11,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from .. import cli
+from .. import backend, cli
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .recipe import Recipe, lr_at
 from .sources import read_items
@@ -136,14 +136,17 @@ def check_run(cfg: Recipe, export: str | None) -> None:
         cli.output_folder(export, "--export", empty=True)
 
 
-def run_tool(description: str, recipe_cls, train_fn, export_fn, argv=None) -> None:
+def run_tool(description: str, recipe_cls, train_fn, export_fn, argv=None, convolutions: bool = False) -> None:
     """The command line of a training tool (``tools/train.py``, ``tools/train_vae.py``): a YAML recipe with
-    overrides, the device, msrun data parallel, and an export of the result by rank 0."""
+    overrides, the device, msrun data parallel, and an export of the result by rank 0. ``convolutions``: the model is
+    mostly convolutions (``backend.favour_convolutions``)."""
     args = vars(tool_parser(description, recipe_cls).parse_args(argv))
     overrides = {k: args.pop(k) for k in ("output", "data", "steps", "init") if k in args}
     cfg = recipe_cls.from_yaml(args["config"], **overrides)
     check_run(cfg, args["export"])
     ms.set_device(args["device"])
+    if convolutions:
+        backend.favour_convolutions()
     rank, world = data_parallel_world()
     # each log line flushed: a run's stdout is usually a file (msrun's log_dir, nohup) that people follow while it runs
     trainer = train_fn(cfg, rank, world, log=functools.partial(print, flush=True))
