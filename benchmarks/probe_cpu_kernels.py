@@ -3,13 +3,16 @@
     python benchmarks/probe_cpu_kernels.py [--repeats 3]
 
 Graph mode, fp32, 10 (matmul) or 9 (conv taps) products per graph, each on a differently scaled input so that the
-compiler cannot merge them; the best of ``--repeats`` runs. Shapes are the project's: a Next-DiT FFN linear (4,096
-tokens x 768 -> 3,072), attention products (12 heads x 1,024 tokens x 64) and a VAE 3x3 conv (128 -> 128 channels at
-128² px). Then oneDNN's own report (``ONEDNN_VERBOSE=1``, in a subprocess) names the implementation MindSpore's native
-matmul and Conv2D run. Run it with nothing else on the machine.
+compiler cannot merge them; the best of ``--repeats`` runs (one run of MindSpore's Conv2D, which can take seconds).
+Shapes are the project's: a Next-DiT FFN linear (4,096 tokens x 768 -> 3,072), attention products (12 heads x 1,024
+tokens x 64) and a VAE 3x3 conv (128 -> 128 channels at 128² px). MindSpore runs twice, each time in a fresh process:
+as oneDNN chooses, and capped at AVX2 (``ONEDNN_MAX_CPU_ISA``, what ``backend.favour_convolutions`` does), where its
+Conv2D leaves oneDNN's reference path. Then oneDNN's own report (``ONEDNN_VERBOSE=1``, in a subprocess) names the
+implementation MindSpore's native matmul and Conv2D run. Run it with nothing else on the machine.
 """
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -22,6 +25,7 @@ M, K, N = 4096, 768, 3072  # FFN linear: tokens x dim -> hidden
 HEADS, SEQ, HEAD_DIM = 12, 1024, 64
 CH, SIDE = 128, 128  # VAE conv
 CONV = "3x3 conv 128->128 at 128² (ours: 9 tap matmuls, no shifts; torch: conv2d)"
+NATIVE = "the same conv on MindSpore's Conv2D (oneDNN)"
 
 
 def best(fn, repeats: int) -> float:
@@ -83,7 +87,13 @@ def mindspore_rows(repeats: int) -> dict:
                 y = y + mint.matmul(taps[i], image * (i + 1.0))
             return y
 
-    dense, plain, attention, conv = Dense(), Plain(), Attention(), Taps()
+    class Native(nn.Cell):  # MindSpore's own Conv2D (oneDNN), one call: on oneDNN's reference path it takes seconds
+        def construct(self, image, weight):
+            return ops.conv2d(image, weight, pad_mode="pad", padding=1)
+
+    weight = Tensor(rng.standard_normal((CH, CH, 3, 3), np.float32) * 0.05)
+    image_4d = image.reshape(1, CH, SIDE, SIDE)
+    dense, plain, attention, conv, native = Dense(), Plain(), Attention(), Taps(), Native()
     return {
         "linear (MatMul transpose_b, nn.Dense)": (best(lambda: dense(x, w).asnumpy(), repeats), 10 * 2 * M * K * N),
         "linear as plain matmul on an (in, out) weight": (
@@ -95,6 +105,7 @@ def mindspore_rows(repeats: int) -> dict:
             10 * 4 * HEADS * SEQ * SEQ * HEAD_DIM,
         ),  # fmt: skip
         CONV: (best(lambda: conv(image, taps).asnumpy(), repeats), 9 * 2 * CH * CH * SIDE**2),
+        NATIVE: (best(lambda: native(image_4d, weight).asnumpy(), 1), 9 * 2 * CH * CH * SIDE**2),
     }
 
 
@@ -133,9 +144,10 @@ ops.conv2d(x, w, pad_mode="pad", padding=1).asnumpy()
 """
 
 
-def onednn_implementations() -> list:
+def onednn_implementations(isa: str | None = None) -> list:
     """oneDNN's verbose lines: the CPU ISA it detected and the implementation of each primitive MindSpore ran."""
-    env = {**os.environ, "ONEDNN_VERBOSE": "1"}
+    env = {**{k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}, "ONEDNN_VERBOSE": "1"}
+    env.update({"ONEDNN_MAX_CPU_ISA": isa} if isa else {})
     done = subprocess.run([sys.executable, "-c", ONEDNN_PROBE], env=env, capture_output=True, text=True, timeout=300)
     keep = ("info,cpu,isa", "info,cpu,runtime", "exec,cpu,matmul", "exec,cpu,convolution")
     return [line for line in done.stdout.splitlines() if any(k in line for k in keep)]
@@ -149,20 +161,42 @@ def cpu_model() -> str:
     return f"{name} ({os.cpu_count()} CPUs; {' '.join(flags)})"
 
 
+def mindspore_worker(repeats: int, isa: str | None) -> dict:
+    """``mindspore_rows`` in a fresh process, oneDNN capped at ``isa`` (it fixes its instruction set at first use)."""
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+    env.update({"ONEDNN_MAX_CPU_ISA": isa} if isa else {})
+    cmd = [sys.executable, os.path.abspath(__file__), "--repeats", str(repeats), "--worker"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker:
+        print(json.dumps(mindspore_rows(args.repeats)))
+        return
     print(f"machine: {cpu_model()}, {platform.system()} {platform.release()}")
-    ours, theirs = mindspore_rows(args.repeats), torch_rows(args.repeats)
-    print("| product | MindSpore s | GFLOP/s | torch s | GFLOP/s | ratio |\n|---|---|---|---|---|---|")
+    ours, capped = mindspore_worker(args.repeats, None), mindspore_worker(args.repeats, "AVX2")
+    theirs = torch_rows(args.repeats)
+    print("| product | MindSpore s | GFLOP/s | at AVX2 s | GFLOP/s | torch s | GFLOP/s | ratio | at AVX2 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, (seconds, flops) in ours.items():
-        ref = theirs.get(name)
-        ref_text = f"{ref[0]:.3f} | {ref[1] / ref[0] / 1e9:.0f} | {seconds / ref[0]:.2f}" if ref else "— | — | —"
-        print(f"| {name} | {seconds:.3f} | {flops / seconds / 1e9:.0f} | {ref_text} |")
-    print("\noneDNN (ONEDNN_VERBOSE=1):")
-    for line in onednn_implementations():
-        print("   ", line)
+        low, ref = capped[name][0], theirs.get(name)
+        if ref:
+            ref_text = f"{ref[0]:.3f} | {ref[1] / ref[0] / 1e9:.0f} | {seconds / ref[0]:.2f} | {low / ref[0]:.2f}"
+        elif name == NATIVE:  # against torch's conv row
+            ref_text = f"— | — | {seconds / theirs[CONV][0]:.2f} | {low / theirs[CONV][0]:.2f}"
+        else:
+            ref_text = "— | — | — | —"
+        rates = f"{seconds:.3f} | {flops / seconds / 1e9:.0f} | {low:.3f} | {flops / low / 1e9:.0f}"
+        print(f"| {name} | {rates} | {ref_text} |")
+    for isa in (None, "AVX2"):
+        print(f"\noneDNN (ONEDNN_VERBOSE=1{', ONEDNN_MAX_CPU_ISA=' + isa if isa else ''}):")
+        for line in onednn_implementations(isa):
+            print("   ", line)
 
 
 if __name__ == "__main__":
