@@ -25,6 +25,7 @@ from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 import mindspore as ms
 from mindspore import Tensor, mint
 
+from mindone_lumina import backend
 from mindone_lumina.models import nextdit
 from mindone_lumina.weights.load import load_state_dict, param_shapes
 from mindone_lumina.weights.nextdit import DIFFUSERS_RULES
@@ -95,7 +96,7 @@ def inputs(seq: int):
 
 def worker(framework: str, seq: int, repeats: int) -> dict:
     """One framework / mode in its own process, so peak RSS is its own."""
-    ms.set_device("CPU")
+    backend.set_device("CPU")  # what the tools do
     torch.set_grad_enabled(False)
     model = build(framework)
     arrays = inputs(seq)
@@ -126,7 +127,7 @@ def main():
     if args.worker:
         print(json.dumps(worker(args.worker, args.tokens[0], args.repeats)))
         return
-    ms.set_device("CPU")
+    backend.set_device("CPU")  # what the tools do
     peak_torch, peak_ms = matmul_peak()
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads), mindspore {ms.__version__}; fp32 matmul peak: torch {peak_torch:.1f} GFLOP/s, "

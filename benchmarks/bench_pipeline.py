@@ -119,10 +119,11 @@ def torch_worker(folder: str, size: int, steps: int) -> dict:
 def mindspore_worker(folder: str, size: int, steps: int, denoiser: str = "shared") -> dict:
     import mindspore as ms
 
+    from mindone_lumina import backend
     from mindone_lumina.pipeline import TextToImagePipeline
     from mindone_lumina.sampling import SampleSettings
 
-    ms.set_device("CPU")
+    backend.set_device("CPU")  # what tools/sample.py does
     ms.set_context(mode=ms.GRAPH_MODE)
     ours = TextToImagePipeline.from_pretrained(os.path.join(folder, "pipe"))
     ours.shared_block = denoiser == "shared"

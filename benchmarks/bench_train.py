@@ -60,10 +60,11 @@ def project_step(precision: str, size: int, tokens: int, rank: int = 0):
     import mindspore as ms
     from mindspore import Tensor
 
-    from mindone_lumina import training
+    from mindone_lumina import backend, training
     from mindone_lumina.models import nextdit
     from mindone_lumina.weights.load import load_state_dict
 
+    backend.set_device("CPU")  # what tools/train.py does
     ms.set_context(mode=ms.GRAPH_MODE)
     model = nextdit.NextDiT(nextdit.resolve_config(CONFIG))
     load_state_dict(model, random_state(model))

@@ -85,9 +85,9 @@ def run_case(spec: dict) -> dict:
         from mindone_lumina.components import load_vae
         from mindone_lumina.models.vae import Tiling
 
-        ms.set_device("CPU")
+        backend.set_device("CPU", convolutions=not spec["taps"])  # what tools/vae.py does
         ms.set_context(mode=ms.GRAPH_MODE)
-        native = False if spec["taps"] else backend.favour_convolutions()  # what tools/vae.py does
+        native = backend.native_conv()
         model = load_vae(spec["weights"])
         tiling = Tiling(tile, 0.25) if tiled else None
         zm = Tensor(z)

@@ -48,9 +48,8 @@ def project_step(cfg, taps: bool = False):
     from mindone_lumina.training.vae import VAELoss
     from mindone_lumina.weights.load import load_state_dict
 
+    backend.set_device("CPU", convolutions=not taps)  # what tools/train_vae.py does
     ms.set_context(mode=ms.GRAPH_MODE)
-    if not taps:  # what tools/train_vae.py does
-        backend.favour_convolutions()
     model = AutoencoderKL(cfg.vae_config)
     load_state_dict(model, initial_state(cfg.vae_config))
     trainer = training.Trainer(VAELoss(model, cfg.kl_weight), cfg)

@@ -50,6 +50,22 @@ def release_compiled(cell=None) -> None:
     _cell_graph_executor._graph_executor.set_weights_values({})
 
 
+def set_device(name: str, convolutions: bool = False) -> None:
+    """``ms.set_device`` with the runtime settings measured best for the project on that device; call it first.
+
+    On CPU: ``MS_DEV_HOST_BLOCKING_RUN=1``. MindSpore 2.10 otherwise runs each graph on a worker thread while the
+    calling thread waits for it in a busy loop (``AsyncRQueue::Wait``), which holds one of the cores the kernels need
+    (80% of a core measured on 2 cores); host-blocking runs the graph on the calling thread instead. The training
+    step ran 2x faster (benchmarks README, "Host-blocking run"). A value the user has set is kept. ``convolutions``:
+    the process is mostly convolutions (``favour_convolutions``).
+    """
+    ms.set_device(name)
+    if is_cpu():
+        os.environ.setdefault("MS_DEV_HOST_BLOCKING_RUN", "1")  # MindSpore reads it at its first op
+        if convolutions:
+            favour_convolutions()
+
+
 def check_dtype_supported(dtype) -> None:
     """bf16 matmul has no CPU kernel in MindSpore 2.10; fail early with a message instead of deep inside a graph."""
     if dtype == ms.bfloat16 and is_cpu():
@@ -326,8 +342,9 @@ def favour_convolutions() -> bool:
     """For a process whose work is mostly convolution (VAE training, encoding, decoding): on CPU, cap oneDNN at AVX2
     so that convolutions run on the framework kernel; matmuls then run about a third slower.
 
-    Call after ``ms.set_device`` and before the first MindSpore op. Leaves an ``ONEDNN_MAX_CPU_ISA`` set by the user
-    alone, and cannot act once oneDNN has run. Returns ``native_conv()``.
+    Call after ``ms.set_device`` and before the first MindSpore op (``set_device(..., convolutions=True)`` does).
+    Leaves an ``ONEDNN_MAX_CPU_ISA`` set by the user alone, and cannot act once oneDNN has run. Returns
+    ``native_conv()``.
     """
     lib = _onednn() if is_cpu() else None
     if lib is not None and not any(os.environ.get(v) for v in _ISA_VARIABLES):

@@ -11,14 +11,14 @@ from PIL import Image
 
 import mindspore as ms
 
-from mindone_lumina import parity, sampling
+from mindone_lumina import backend, parity, sampling
 from mindone_lumina.models import nextdit
 from mindone_lumina.parity import randomize_torch_  # noqa: F401  (the tests import it from here)
 from mindone_lumina.tolerances import BUDGETS  # noqa: F401  (the tests import it from here)
 from mindone_lumina.weights.load import cell_specs
 from mindone_lumina.weights.nextdit import NEXTDIT
 
-ms.set_device("CPU")
+backend.set_device("CPU")  # what every tool does
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
 

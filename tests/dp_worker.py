@@ -8,12 +8,11 @@ import sys
 
 import numpy as np
 
-import mindspore as ms
-
+from mindone_lumina import backend
 from mindone_lumina.training import TrainConfig, data_parallel_world, train
 
 recipe, out = sys.argv[1], sys.argv[2]
-ms.set_device("CPU")
+backend.set_device("CPU")
 rank, world = data_parallel_world()  # what tools/train.py does under msrun
 assert world == 2, world
 cfg = TrainConfig.from_yaml(recipe, output=f"{out}/run")  # one output folder, as on a cluster: rank 0 saves

@@ -14,7 +14,7 @@ import functools
 
 import mindspore as ms
 
-from mindone_lumina import cli, components
+from mindone_lumina import backend, cli, components
 from mindone_lumina.training.data import buckets
 from mindone_lumina.training.extract import extract, store_meta
 from mindone_lumina.training.loop import data_parallel_world
@@ -51,7 +51,7 @@ def main(argv=None) -> None:
         raise ValueError(f"--data {' '.join(args.data)} lists no items")
     bucket_list = buckets(args.resolution, args.aspect_ratios, args.bucket_multiple)
     meta = store_meta(items, args.text_encoder, args.vae, bucket_list, args.max_caption_tokens)
-    ms.set_device(args.device)
+    backend.set_device(args.device)
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     rank, world = data_parallel_world()
     encoder = components.load_text_encoder(args.text_encoder)

@@ -18,7 +18,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from mindone_lumina import cli, components, sampling
+from mindone_lumina import backend, cli, components, sampling
 from mindone_lumina.atomic import atomic_path
 from mindone_lumina.dtypes import ms_dtype
 from mindone_lumina.models import flagdit, nextdit
@@ -71,7 +71,7 @@ def main(argv=None):
     cli.existing(args.checkpoint, "--checkpoint")
     cli.output_file(args.output, "--output", overwrite=True)
     inputs = read_inputs(cli.existing(args.inputs, "--inputs", "file"))
-    ms.set_device(args.device)
+    backend.set_device(args.device)
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     dtype = ms_dtype(args.dtype)
     model = components.load_transformer(args.checkpoint, dtype, args.arch)

@@ -7,9 +7,7 @@ Writes ``report.md``, ``errors_blocks.png`` and ``errors_steps.png`` to ``--out`
 budget (``mindone_lumina.tolerances.BUDGETS``) is broken.
 """
 
-import mindspore as ms
-
-from mindone_lumina import cli, parity
+from mindone_lumina import backend, cli, parity
 
 
 def parser():
@@ -27,7 +25,7 @@ def main(argv=None) -> int:
     if args.model is not None:
         cli.existing(args.model, "--model", "folder")
     cli.output_folder(args.out, "--out")
-    ms.set_device(args.device)
+    backend.set_device(args.device)
     report = parity.run(args.model, args.dtypes.split(","), args.modes.split(","), args.out)
     failed = [r for r in report.rows if not r.passed]
     for r in failed[:10]:

@@ -31,7 +31,7 @@ import numpy as np
 
 import mindspore as ms
 
-from mindone_lumina import cli, sampling
+from mindone_lumina import backend, cli, sampling
 from mindone_lumina.atomic import atomic_path
 from mindone_lumina.pipeline import DEFAULT_MODEL, SampleSettings, TextToImagePipeline, size_factors
 from mindone_lumina.training.loop import data_parallel_world
@@ -209,7 +209,7 @@ def main(argv=None):
     latents = read_latents(args.latents)
     loras = read_loras(args)
     overrides |= check_model(args)  # the last check: it reads the model's config files
-    ms.set_device(args.device)
+    backend.set_device(args.device)
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     rank, world = data_parallel_world()
     if world > 1 and single:

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     bundle = golden.Bundle(cli.existing(args.golden, "--golden", "folder"))
     if args.out is not None:
         cli.output_file(args.out, "--out", overwrite=True)
-    ms.set_device(args.device)
+    backend.set_device(args.device)
     ms.set_context(mode=ms.GRAPH_MODE)
     for d in dtypes + (() if args.speed == "off" else (speed_dtype,)):  # bf16 on CPU: refused before any work
         backend.check_dtype_supported(ms_dtype(d))

@@ -125,8 +125,7 @@ def main(argv=None):
     else:
         data = read_images(args)
         cli.output_file(args.output, "--output", overwrite=True)
-    ms.set_device(args.device)
-    backend.favour_convolutions()  # a VAE is convolutions
+    backend.set_device(args.device, convolutions=True)  # a VAE is convolutions
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     model = components.load_vae(args.vae, ms_dtype(args.dtype))
     what = decode(args, model, data, tiling, pngs) if args.command == "decode" else encode(args, model, data)

@@ -37,7 +37,7 @@ import time
 
 import mindspore as ms
 
-from mindone_lumina import cli, sampling
+from mindone_lumina import backend, cli, sampling
 from mindone_lumina.pipeline import DEFAULT_MODEL, SampleSettings, TextToImagePipeline, size_factors
 from mindone_lumina.text.tokenizers import words
 
@@ -336,7 +336,7 @@ def main(argv=None):
     if args.host not in LOOPBACK:
         print(f"web_demo.py: warning: --host {args.host} lets every machine that reaches this one use the demo; it has "
               "no login", file=sys.stderr)  # fmt: skip
-    ms.set_device(args.device)
+    backend.set_device(args.device)
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     pipe = TextToImagePipeline.from_pretrained(args.model, args.dtype, args.text_encoder, args.vae)
     max_pixels = args.max_pixels or 4 * pipe.train_size**2

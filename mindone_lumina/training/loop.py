@@ -26,7 +26,7 @@ def _progress_bar(start: int, end: int, enabled: bool):
 
 def data_parallel_world() -> tuple:
     """(rank, world size): (0, 1) in a plain process; under msrun, communication initialised and data-parallel mode
-    set (gradients mean-reduced), one data shard per rank. Call after ``ms.set_device``."""
+    set (gradients mean-reduced), one data shard per rank. Call after ``backend.set_device``."""
     if int(os.environ.get("MS_WORKER_NUM", "1")) <= 1:
         return 0, 1
     from mindspore.communication import get_group_size, get_rank, init
@@ -144,9 +144,7 @@ def run_tool(description: str, recipe_cls, train_fn, export_fn, argv=None, convo
     overrides = {k: args.pop(k) for k in ("output", "data", "steps", "init") if k in args}
     cfg = recipe_cls.from_yaml(args["config"], **overrides)
     check_run(cfg, args["export"])
-    ms.set_device(args["device"])
-    if convolutions:
-        backend.favour_convolutions()
+    backend.set_device(args["device"], convolutions)
     rank, world = data_parallel_world()
     # each log line flushed: a run's stdout is usually a file (msrun's log_dir, nohup) that people follow while it runs
     trainer = train_fn(cfg, rank, world, log=functools.partial(print, flush=True))
