@@ -13,6 +13,7 @@ Set ``MINDONE_LUMINA_PORTABLE=1`` to force the portable ops on Ascend (useful to
 """
 
 import ctypes
+import functools
 import os
 
 import mindspore as ms
@@ -316,8 +317,10 @@ _ONEDNN_AVX2 = 0x7  # dnnl_cpu_isa_avx2
 _ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 
+@functools.cache
 def _onednn():
-    """MindSpore's oneDNN library, or None (another MindSpore build; the caller keeps the portable path)."""
+    """MindSpore's oneDNN library, or None (another MindSpore build; the caller keeps the portable path); loaded once,
+    as every conv Cell asks ``native_conv()`` at construction."""
     try:
         return ctypes.CDLL(os.path.join(os.path.dirname(ms.__file__), "lib", "libdnnl.so.3"))
     except OSError:
