@@ -144,10 +144,15 @@ ops.conv2d(x, w, pad_mode="pad", padding=1).asnumpy()
 """
 
 
+def capped_env(isa: str | None, **extra) -> dict:
+    """This process's environment for a child whose oneDNN is capped at ``isa`` (None: as oneDNN chooses)."""
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+    return {**env, **({"ONEDNN_MAX_CPU_ISA": isa} if isa else {}), **extra}
+
+
 def onednn_implementations(isa: str | None = None) -> list:
     """oneDNN's verbose lines: the CPU ISA it detected and the implementation of each primitive MindSpore ran."""
-    env = {**{k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}, "ONEDNN_VERBOSE": "1"}
-    env.update({"ONEDNN_MAX_CPU_ISA": isa} if isa else {})
+    env = capped_env(isa, ONEDNN_VERBOSE="1")
     done = subprocess.run([sys.executable, "-c", ONEDNN_PROBE], env=env, capture_output=True, text=True, timeout=300)
     keep = ("info,cpu,isa", "info,cpu,runtime", "exec,cpu,matmul", "exec,cpu,convolution")
     return [line for line in done.stdout.splitlines() if any(k in line for k in keep)]
@@ -163,10 +168,8 @@ def cpu_model() -> str:
 
 def mindspore_worker(repeats: int, isa: str | None) -> dict:
     """``mindspore_rows`` in a fresh process, oneDNN capped at ``isa`` (it fixes its instruction set at first use)."""
-    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
-    env.update({"ONEDNN_MAX_CPU_ISA": isa} if isa else {})
     cmd = [sys.executable, os.path.abspath(__file__), "--repeats", str(repeats), "--worker"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(cmd, env=capped_env(isa), capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
