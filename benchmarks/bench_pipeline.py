@@ -145,10 +145,11 @@ def mindspore_worker(folder: str, size: int, steps: int, denoiser: str = "shared
     }
 
 
-def run_worker(kind: str, folder: str, size: int, steps: int, denoiser: str = "shared") -> dict:
+def run_worker(kind: str, folder: str, size: int, steps: int, denoiser: str = "shared", isa: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--folder", folder, "--sizes", str(size), "--steps", str(steps)]
     cmd += ["--denoisers", denoiser]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa} if isa else None  # this worker's oneDNN only
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
@@ -165,6 +166,11 @@ def main():
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--steps", type=int, default=10, help="Euler steps (diffusers num_inference_steps)")
     p.add_argument("--denoisers", nargs="+", default=["shared"], choices=["shared", "whole"])
+    p.add_argument(
+        "--mindspore-isa", default=None,
+        help="also run MindSpore with oneDNN capped at this ISA, e.g. AVX2 (ONEDNN_MAX_CPU_ISA in its worker only; "
+        "its VAE then decodes on MindSpore's own conv kernel) (default: off)",
+    )  # fmt: skip
     p.add_argument("--worker", choices=["torch", "mindspore"], help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -193,6 +199,9 @@ def main():
             ref = run_worker("torch", folder, size, args.steps)
             for denoiser in args.denoisers:
                 report(size, denoiser, ref, run_worker("mindspore", folder, size, args.steps, denoiser))
+                if args.mindspore_isa:
+                    ours = run_worker("mindspore", folder, size, args.steps, denoiser, args.mindspore_isa)
+                    report(size, f"{denoiser}, oneDNN at {args.mindspore_isa}", ref, ours)
 
 
 def report(size: int, denoiser: str, ref: dict, ours: dict) -> None:
