@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Lumina-Next (Next-DiT, Gemma-2B, SDXL-VAE, flow matching) in MindSpore for Ascend and CPU",
     packages=find_packages(include=["mindone_lumina", "mindone_lumina.*"]),
-    package_data={"mindone_lumina": ["assets/**/*"]},
+    package_data={"mindone_lumina": ["assets/**/*", "csrc/*"]},  # csrc: compiled at first use (cpu_kernels.py)
     python_requires=">=3.10",
     install_requires=[
         "mindspore==2.10.0",

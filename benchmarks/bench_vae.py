@@ -43,9 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--weights", default=None, help="reuse a folder written by an earlier run")
     p.add_argument("--max-memory-gb", type=float, default=18.0, help="address-space cap of each worker (RLIMIT_AS)")
     p.add_argument(
-        "--taps", action="store_true",
-        help="MindSpore keeps oneDNN's AVX-512 and computes convolutions as per-tap matmuls (default: as tools/vae.py "
-        "runs, backend.favour_convolutions)",
+        "--conv", choices=("auto", "onednn", "framework", "taps"), default="auto",
+        help="MindSpore's convolution kernel (sets MINDONE_LUMINA_CONV; default: auto, as tools/vae.py chooses; "
+        "framework caps oneDNN at AVX2, taps keeps AVX-512)",
     )  # fmt: skip
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -85,9 +85,11 @@ def run_case(spec: dict) -> dict:
         from mindone_lumina.components import load_vae
         from mindone_lumina.models.vae import Tiling
 
-        backend.set_device("CPU", convolutions=not spec["taps"])  # what tools/vae.py does
+        if spec["conv"] != "auto":
+            os.environ["MINDONE_LUMINA_CONV"] = spec["conv"]
+        backend.set_device("CPU", convolutions=True)  # what tools/vae.py does
         ms.set_context(mode=ms.GRAPH_MODE)
-        native = backend.native_conv()
+        kernel = backend.conv_kernel()
         model = load_vae(spec["weights"])
         tiling = Tiling(tile, 0.25) if tiled else None
         zm = Tensor(z)
@@ -95,7 +97,7 @@ def run_case(spec: dict) -> dict:
         def decode():
             return model.decode(zm, tiling).asnumpy()
 
-        info = f"mindspore {ms.__version__}, graph mode, {'native' if native else 'per-tap'} convolution"
+        info = f"mindspore {ms.__version__}, graph mode, {kernel} convolution kernel"
     loaded = rss_gb()
     t0 = time.perf_counter()
     out = decode()
@@ -148,7 +150,7 @@ def main(argv=None):
         for name in cases:
             framework, side, tiled = CASES[name]
             spec = dict(framework=framework, side=side, tiled=tiled, tile=args.tile, repeats=args.repeats)
-            spec["max_memory_gb"], spec["taps"] = args.max_memory_gb, args.taps
+            spec["max_memory_gb"], spec["conv"] = args.max_memory_gb, args.conv
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps({**spec, "weights": weights})]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode:

@@ -12,6 +12,7 @@ reported separately). The first step's loss is compared as a sanity check.
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def batch(cfg):
     return x, eps
 
 
-def project_step(cfg, taps: bool = False):
+def project_step(cfg, conv: str = "auto"):
     import mindspore as ms
     from mindspore import Tensor
 
@@ -48,7 +49,9 @@ def project_step(cfg, taps: bool = False):
     from mindone_lumina.training.vae import VAELoss
     from mindone_lumina.weights.load import load_state_dict
 
-    backend.set_device("CPU", convolutions=not taps)  # what tools/train_vae.py does
+    if conv != "auto":
+        os.environ["MINDONE_LUMINA_CONV"] = conv
+    backend.set_device("CPU", convolutions=True)  # what tools/train_vae.py does
     ms.set_context(mode=ms.GRAPH_MODE)
     model = AutoencoderKL(cfg.vae_config)
     load_state_dict(model, initial_state(cfg.vae_config))
@@ -101,15 +104,14 @@ def load_recipe(args):
 
 def worker(kind: str, args) -> dict:
     cfg = load_recipe(args)
-    return time_steps(torch_step(cfg) if kind == "torch" else project_step(cfg, args.taps), args.repeats)
+    return time_steps(torch_step(cfg) if kind == "torch" else project_step(cfg, args.conv), args.repeats)
 
 
 def run_worker(kind: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--recipe", args.recipe, "--repeats", str(args.repeats)]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
-    if args.taps:
-        cmd += ["--taps"]
+    cmd += ["--conv", args.conv]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -120,9 +122,9 @@ def main():
     p.add_argument("--batch", type=int, default=None, help="default: the recipe's batch_size")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
-        "--taps", action="store_true",
-        help="MindSpore keeps oneDNN's AVX-512 and computes convolutions as per-tap matmuls (default: as "
-        "tools/train_vae.py runs, backend.favour_convolutions)",
+        "--conv", choices=("auto", "onednn", "framework", "taps"), default="auto",
+        help="MindSpore's convolution kernel (sets MINDONE_LUMINA_CONV; default: auto, as tools/train_vae.py chooses; "
+        "framework caps oneDNN at AVX2, taps keeps AVX-512)",
     )  # fmt: skip
     p.add_argument("--worker", choices=["torch", "fp32"], help=argparse.SUPPRESS)
     args = p.parse_args()

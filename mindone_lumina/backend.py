@@ -1,9 +1,10 @@
 """Kernels that differ between Ascend and the portable (CPU) path, behind one capability check.
 
 Every model file calls these functions and nothing else backend-specific. A Cell decides once, at construction, whether
-it uses fused kernels (``use_fused_kernels()``; for convolutions ``native_conv()``, which is also true where MindSpore's
-CPU kernel is fast) and stores the answer as a Python constant, so graph mode folds the branch away. The portable path
-is what CI tests (for convolutions both CPU paths); the fused path runs only on Ascend (see README, "Ascend vs CPU").
+it uses fused kernels (``use_fused_kernels()``; for convolutions ``conv_kernel()``, which on CPU picks among oneDNN
+custom ops, MindSpore's kernel and per-tap matmuls) and stores the answer as a Python constant, so graph mode folds the
+branch away. The portable path is what CI tests (for convolutions every CPU path); the fused path runs only on Ascend
+(see README, "Ascend vs CPU").
 
 Each fused path is argument preparation plus one kernel call, with the kernel a parameter (``kernel=None``: the real
 one), so that ``kernel_contracts.check`` runs the exact preparation on CPU with a NumPy emulator of the kernel's
@@ -19,7 +20,7 @@ import os
 import mindspore as ms
 from mindspore import mint, ops
 
-from . import rope
+from . import cpu_kernels, rope
 
 _FA_DTYPES = (ms.float16, ms.bfloat16)
 _MASKED = -1e30  # exp underflows to exactly 0, like torch's -inf, without inf - inf = nan on fully masked rows
@@ -158,6 +159,16 @@ def layer_norm(x, weight, bias, eps: float, fused: bool = False):
     if bias is not None:
         y = y + spread_features(bias, y, fused)
     return y
+
+
+def group_norm(x, groups: int, weight, bias, eps: float, compiled: bool = False):
+    """torch ``group_norm`` of (B, C, *spatial) with statistics and affine in fp32, returned in x's dtype (torch also
+    computes half-precision GroupNorm in fp32). ``compiled``: the project's CPU kernel (``compiled_kernels()``;
+    MindSpore's CPU GroupNorm and its gradient are 15-20x slower than torch's)."""
+    x32, w, b = x.astype(ms.float32), weight.astype(ms.float32), bias.astype(ms.float32)
+    if compiled:
+        return cpu_kernels.group_norm(x32, groups, w, b, eps).astype(x.dtype)
+    return mint.nn.functional.group_norm(x32, groups, w, b, eps).astype(x.dtype)
 
 
 def gelu_tanh(x, fused: bool = False):
@@ -309,29 +320,39 @@ def fused_rope(x, cos, sin, kernel=None):
 # may use AVX-512, it gives a 3x3 conv to `jit_uni_ncsp`, which reorders the activations to NHWC and nests the first
 # NHWC implementation that accepts plain OIHW weights: its reference kernel (about 1 GFLOP/s; `ONEDNN_VERBOSE=1` prints
 # `jit_uni_ncsp:conv+ref:any`). Below AVX-512 oneDNN runs `gemm:jit` (im2col + sgemm, 150-240 GFLOP/s measured), but
-# its matmuls lose a third of their speed (benchmarks/README, "Convolution on oneDNN's gemm kernel"). So the CPU path
-# uses the framework kernel only where oneDNN runs below AVX-512 (a processor without it, ONEDNN_MAX_CPU_ISA, or
-# ``favour_convolutions``) and one matmul per kernel tap elsewhere.
+# its matmuls lose a third of their speed (benchmarks/README, "Convolution on oneDNN's gemm kernel"). So on CPU the
+# convolutions run, in order of preference: custom ops that call the same oneDNN with the layouts left to it, as torch
+# does (``cpu_kernels.py``, built at first use; torch's speed), MindSpore's kernel where oneDNN runs below AVX-512, and
+# one matmul per kernel tap. ``MINDONE_LUMINA_CONV`` = onednn | framework | taps chooses one by hand.
 _ONEDNN_AVX512_CORE = 0x27  # dnnl_cpu_isa_avx512_core; every AVX-512 level of dnnl_cpu_isa_t has all of these bits
 _ONEDNN_AVX2 = 0x7  # dnnl_cpu_isa_avx2
 _ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+CONV_KERNELS = ("onednn", "framework", "taps")
 
 
 @functools.cache
 def _onednn():
     """MindSpore's oneDNN library, or None (another MindSpore build; the caller keeps the portable path); loaded once,
-    as every conv Cell asks ``native_conv()`` at construction."""
+    as every conv Cell asks ``conv_kernel()`` at construction."""
     try:
         return ctypes.CDLL(os.path.join(os.path.dirname(ms.__file__), "lib", "libdnnl.so.3"))
     except OSError:
         return None
 
 
+def compiled_kernels() -> bool:
+    """Whether this process runs the project's compiled CPU kernels (``cpu_kernels.py``): on CPU, unless
+    ``MINDONE_LUMINA_CPU_KERNELS=0``, where they build (a C++ compiler and MindSpore's ``libdnnl.so.3``)."""
+    if not is_cpu() or os.environ.get("MINDONE_LUMINA_CPU_KERNELS", "1") == "0":
+        return False
+    return cpu_kernels.available()
+
+
 def native_conv() -> bool:
-    """Whether ``conv2d`` should run the framework's kernel: on Ascend, and on CPU where oneDNN runs below AVX-512.
+    """Whether MindSpore's own convolution kernel is fast here: on Ascend, and on CPU where oneDNN runs below AVX-512.
 
     Reading oneDNN's instruction set fixes it for the process (``favour_convolutions`` cannot change it afterwards),
-    so a Cell asks at construction, after the process has chosen.
+    so ask after the process has chosen.
     """
     if use_fused_kernels():
         return True
@@ -341,24 +362,47 @@ def native_conv() -> bool:
     return lib is not None and (lib.dnnl_get_effective_cpu_isa() & _ONEDNN_AVX512_CORE) != _ONEDNN_AVX512_CORE
 
 
-def favour_convolutions() -> bool:
-    """For a process whose work is mostly convolution (VAE training, encoding, decoding): on CPU, cap oneDNN at AVX2
-    so that convolutions run on the framework kernel; matmuls then run about a third slower.
+def conv_kernel() -> str:
+    """The convolution kernel of ``conv2d`` for this process: "framework" (MindSpore's ``Conv2D``: on Ascend, or on CPU
+    where it is fast), "onednn" (the custom ops of ``cpu_kernels.py``) or "taps" (one matmul per kernel tap).
+
+    ``MINDONE_LUMINA_CONV`` overrides the CPU choice; "onednn" there fails if the ops are unavailable.
+    """
+    if use_fused_kernels() or not is_cpu():
+        return "framework" if native_conv() else "taps"
+    chosen = os.environ.get("MINDONE_LUMINA_CONV", "")
+    if chosen and chosen not in CONV_KERNELS:
+        raise ValueError(f"MINDONE_LUMINA_CONV={chosen!r}: expected one of {', '.join(CONV_KERNELS)}")
+    if chosen == "onednn" and not compiled_kernels():
+        raise ValueError("MINDONE_LUMINA_CONV=onednn: the CPU kernels are unavailable (see compiled_kernels)")
+    if chosen:
+        return chosen
+    if compiled_kernels():
+        return "onednn"
+    return "framework" if native_conv() else "taps"
+
+
+def favour_convolutions() -> str:
+    """For a process whose work is mostly convolution (VAE training, encoding, decoding) and where the oneDNN custom
+    ops are unavailable: on CPU, cap oneDNN at AVX2 so that convolutions run on the framework kernel; matmuls then run
+    about a third slower. (The custom ops are fastest on AVX-512, so with them nothing is capped.)
 
     Call after ``ms.set_device`` and before the first MindSpore op (``set_device(..., convolutions=True)`` does).
     Leaves an ``ONEDNN_MAX_CPU_ISA`` set by the user alone, and cannot act once oneDNN has run. Returns
-    ``native_conv()``.
+    ``conv_kernel()``.
     """
-    lib = _onednn() if is_cpu() else None
+    chosen = os.environ.get("MINDONE_LUMINA_CONV", "")  # not conv_kernel(): reading the ISA would fix it
+    wanted = is_cpu() and chosen != "taps" and (chosen == "framework" or not compiled_kernels())
+    lib = _onednn() if wanted else None
     if lib is not None and not any(os.environ.get(v) for v in _ISA_VARIABLES):
         lib.dnnl_set_max_cpu_isa(_ONEDNN_AVX2)  # status 2 (invalid arguments) once oneDNN has run: nothing changes
-    return native_conv()
+    return conv_kernel()
 
 
-def conv2d(x, weight, bias, stride: int = 1, padding: int = 0, native: bool = False):
+def conv2d(x, weight, bias, stride: int = 1, padding: int = 0, kernel: str = "taps"):
     """torch ``conv2d`` (NCHW, zero padding on all sides, no groups or dilation).
 
-    Without ``native`` it is a sum of one matmul per kernel tap (see the section comment for why): each tap reads a
+    With ``kernel="taps"`` it is a sum of one matmul per kernel tap (see the section comment for why): each tap reads a
     contiguous slice of the image flattened over rows (see ``_conv2d_same``); other strides and paddings first split
     the padded image into ``stride * stride`` phase images. Taps are summed in fp32, as a half-precision conv
     accumulates (MindSpore's CPU kernel computes half precision in fp32 too).
@@ -367,13 +411,17 @@ def conv2d(x, weight, bias, stride: int = 1, padding: int = 0, native: bool = Fa
         x: (B, C, H, W).
         weight: (O, C, kh, kw); bias: (O,).
         stride, padding: Python ints (graph constants).
-        native: use the framework's convolution kernel (``native_conv()``).
+        kernel: one of ``CONV_KERNELS``, as ``conv_kernel()`` chose (a graph constant).
 
     Returns:
         (B, O, Ho, Wo) with Ho = (H + 2 padding - kh) // stride + 1, likewise Wo.
     """
-    if native:
+    if kernel == "framework":
         return ops.conv2d(x, weight, bias, stride=stride, pad_mode="pad", padding=padding)
+    if kernel == "onednn":
+        y = cpu_kernels.conv2d(x, weight, stride, padding)  # (B, O, Ho, Wo)
+        b, o, ho, wo = y.shape
+        return _bias_add(y.reshape(b, o, ho * wo), bias).reshape(b, o, ho, wo)
     b, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     s, p = stride, padding

@@ -1,10 +1,12 @@
-"""The CPU convolution kernel (``backend.native_conv``, ``backend.favour_convolutions``): MindSpore's own Conv2D where
-oneDNN runs below AVX-512, one matmul per kernel tap elsewhere.
+"""The CPU convolution kernels other than the compiled one (``backend.conv_kernel``): without the compiled kernels
+(``MINDONE_LUMINA_CPU_KERNELS=0``), MindSpore's own Conv2D where oneDNN runs below AVX-512 and one matmul per kernel
+tap elsewhere.
 
 oneDNN fixes its instruction set at its first use, so every case runs in a fresh process. The first test shows that
 ``ONEDNN_MAX_CPU_ISA=AVX2`` (and ``favour_convolutions`` before any op) selects the native kernel; the second reruns
 the VAE's parity tests against diffusers, its gradient test and its 24-step training run (past the step where a graph
-with ``ops.pad`` used to hang) under that setting, so both CPU paths are tested whatever processor CI has.
+with ``ops.pad`` used to hang) on the native kernel and on the per-tap matmuls with MindSpore's GroupNorm, so every
+CPU path is tested whatever processor and compiler CI has.
 """
 
 import os
@@ -17,7 +19,9 @@ ROOT = os.path.dirname(HERE)
 
 def run(args, **env):
     """A fresh Python process in the repository root; returns its stdout, or fails with its stderr."""
-    environ = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    unset = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MINDONE_LUMINA_CONV")
+    environ = {k: v for k, v in os.environ.items() if k not in unset}
+    environ["MINDONE_LUMINA_CPU_KERNELS"] = "0"
     done = subprocess.run([sys.executable, *args], cwd=ROOT, env={**environ, **env}, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
@@ -34,9 +38,10 @@ if {op_first}:
     ops.add(Tensor([1.0]), Tensor([1.0])).asnumpy()
 favoured = backend.favour_convolutions() if {favour} else None
 isa = backend._onednn().dnnl_get_effective_cpu_isa()
-convs = [c.native for _, c in AutoencoderKL(VAEConfig(block_out_channels=(8,), norm_num_groups=4)).cells_and_names()
-         if hasattr(c, "native")]
-print(favoured, backend.native_conv(), isa, len(convs), all(c == backend.native_conv() for c in convs))
+kernels = [c.kernel for _, c in AutoencoderKL(VAEConfig(block_out_channels=(8,), norm_num_groups=4)).cells_and_names()
+           if hasattr(c, "kernel")]
+native = backend.conv_kernel() == "framework"
+print(favoured != "taps" if {favour} else None, native, isa, len(kernels), set(kernels) == {{backend.conv_kernel()}})
 """
 
 
@@ -59,5 +64,6 @@ def test_vae_on_the_native_kernel():
     tests = [f"tests/test_vae.py::test_{name}_parity" for name in ("decode", "encode", "fp16")]
     tests += [f"tests/test_vae_training.py::test_{name}" for name in ("loss_and_gradients_match_diffusers",
                                                                       "vae_trains_resumes_and_exports")]  # fmt: skip
-    out = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], ONEDNN_MAX_CPU_ISA="AVX2")
-    assert " passed" in out and "failed" not in out and "skipped" not in out, out[-2000:]
+    for setting in ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, {"MINDONE_LUMINA_CONV": "taps"}):
+        out = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], **setting)
+        assert " passed" in out and "failed" not in out and "skipped" not in out, (setting, out[-2000:])

@@ -7,8 +7,8 @@ Parameter names are the diffusers names, so checkpoints load by identity. Deviat
 * Only the ``AutoencoderKL`` used by SD/SDXL: ``DownEncoderBlock2D``/``UpDecoderBlock2D``, SiLU, GroupNorm; no spatial
   norm, no gradient checkpointing, no tiled *encoding*, no slicing (the batch is decoded in one call).
 * GroupNorm statistics and the attention softmax run in fp32 whatever the parameter dtype.
-* Convolutions go through ``backend.conv2d``: the framework kernel on Ascend and where MindSpore's CPU kernel is fast,
-  per-tap matmuls elsewhere (``backend.native_conv``); the results agree to fp32 rounding.
+* Convolutions go through ``backend.conv2d`` with the kernel ``backend.conv_kernel`` chose: the framework kernel on
+  Ascend, oneDNN custom ops or MindSpore's kernel or per-tap matmuls on CPU; the results agree to fp32 rounding.
 * Tiled decoding places equal-size tiles evenly over the latent (one compiled shape) and blends every overlap with
   linear weights that sum to one; diffusers' ``tiled_decode`` uses ragged edge tiles and crops. The two agree with the
   untiled decode to a similar degree, not with each other.
@@ -101,10 +101,10 @@ class Conv2d(nn.Cell):
         self.weight = Parameter(initializer(HeUniform(negative_slope=math.sqrt(5)), shape, ms.float32))  # torch's
         self.bias = Parameter(initializer("zeros", (out_ch,), ms.float32))
         self.stride, self.padding = stride, padding
-        self.native = backend.native_conv()
+        self.kernel = backend.conv_kernel()
 
     def construct(self, x):
-        return backend.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.native)
+        return backend.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.kernel)
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> Conv2d:
@@ -120,10 +120,10 @@ class GroupNorm(nn.Cell):
         self.groups, self.eps = groups, eps
         self.weight = Parameter(Tensor(np.ones(channels, np.float32)))
         self.bias = Parameter(Tensor(np.zeros(channels, np.float32)))
+        self.compiled_kernel = backend.compiled_kernels()
 
     def construct(self, x):
-        w, b = self.weight.astype(ms.float32), self.bias.astype(ms.float32)
-        return mint.nn.functional.group_norm(x.astype(ms.float32), self.groups, w, b, self.eps).astype(x.dtype)
+        return backend.group_norm(x, self.groups, self.weight, self.bias, self.eps, self.compiled_kernel)
 
 
 class ResnetBlock2D(nn.Cell):

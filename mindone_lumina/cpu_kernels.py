@@ -1,0 +1,117 @@
+"""CPU kernels the project compiles itself: MindSpore AOT custom ops for the VAE's convolution and GroupNorm.
+
+MindSpore 2.10's CPU ``Conv2D`` hands oneDNN plain NCHW/OIHW memory, which on an AVX-512 processor sends a 3x3 conv to
+oneDNN's reference kernel (backend.py, "Convolution"), and its CPU ``GroupNorm``/``GroupNormGrad`` run 15-20x slower
+than torch's. ``csrc/onednn_conv.cc`` calls the same oneDNN (MindSpore's own ``libdnnl.so.3``) through its C API with
+the layouts left to oneDNN, as torch does, for the forward pass and both gradients; ``csrc/group_norm.cc`` is a plain
+GroupNorm and its gradient; both run on one threadpool (``csrc/threadpool.h``).
+
+The sources are compiled at first use with the system's C++ compiler (``$CXX`` or ``g++``) into a cache folder
+(``$MINDONE_LUMINA_CACHE``, else ``$XDG_CACHE_HOME/mindone_lumina``, else ``~/.cache/mindone_lumina``), under a name
+hashed from the sources, the compiler and the MindSpore version. Where that cannot be done (no compiler, no
+``libdnnl.so.3``, a failed build) ``available()`` is False and the backend keeps its portable path.
+"""
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mindspore as ms
+from mindspore import mint, ops
+
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = ("onednn_conv.cc", "group_norm.cc")
+_HEADERS = ("threadpool.h",)
+_ops = {}  # name -> ops.Custom, filled by ``available()``
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("MINDONE_LUMINA_CACHE"):
+        return Path(os.environ["MINDONE_LUMINA_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mindone_lumina"
+
+
+def _build() -> Path | None:
+    """The compiled library (built now if it is not cached), or None; a failed build prints why on stderr."""
+    lib_dir = Path(ms.__file__).parent / "lib"
+    compiler = shutil.which(os.environ.get("CXX") or "g++")
+    if not (lib_dir / "libdnnl.so.3").exists() or compiler is None:
+        return None  # another MindSpore build, or no compiler: the portable path is the design, nothing to report
+    digest = hashlib.sha256(f"{compiler} {ms.__version__}".encode())
+    for name in _SOURCES + _HEADERS:
+        digest.update((_CSRC / name).read_bytes())
+    target = _cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # renamed when complete: builds may race
+    command = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-o", str(partial)]
+    command += [str(_CSRC / name) for name in _SOURCES] + [f"-L{lib_dir}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib_dir}"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        print(f"mindone_lumina: building the CPU kernels failed; the portable ops run instead:\n{done.stderr[-2000:]}",
+              file=sys.stderr)  # fmt: skip
+        return None
+    os.replace(partial, target)
+    return target
+
+
+def _conv_shape(x, w, geometry):
+    stride, padding = geometry[0], geometry[1] - 1
+    return (x[0], w[0], (x[2] + 2 * padding - w[2]) // stride + 1, (x[3] + 2 * padding - w[3]) // stride + 1)
+
+
+def _float32(*shapes):
+    return ms.float32
+
+
+def _custom(library: Path, name: str, out_shape, outputs: int = 1, bprop=None):
+    dtype = _float32 if outputs == 1 else (lambda *shapes: (ms.float32,) * outputs)
+    return ops.Custom(f"{library}:{name}", out_shape=out_shape, out_dtype=dtype, func_type="aot", bprop=bprop)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the custom ops are built and loaded (decided once per process; they are CPU kernels)."""
+    library = _build()
+    if library is None:
+        return False
+    conv_data = _custom(library, "ConvBackwardData", lambda dy, w, g, x: x)
+    conv_weights = _custom(library, "ConvBackwardWeights", lambda dy, x, g, w: w)
+
+    def conv_bprop(x, w, geometry, out, dout):
+        return conv_data(dout, w, geometry, x), conv_weights(dout, x, geometry, w), ops.zeros_like(geometry)
+
+    norm_backward = _custom(library, "GroupNormBackward", lambda dy, x, w, m, r, c: (x, w, w), outputs=3)
+
+    def norm_bprop(x, w, b, conf, out, dout):
+        dx, dw, db = norm_backward(dout[0], x, w, out[1], out[2], conf)
+        return dx, dw, db, ops.zeros_like(conf)
+
+    _ops["conv"] = _custom(library, "ConvForward", _conv_shape, bprop=conv_bprop)
+    stats = lambda x, w, b, conf: (x, (x[0], conf[0]), (x[0], conf[0]))  # noqa: E731
+    _ops["group_norm"] = _custom(library, "GroupNormForward", stats, outputs=3, bprop=norm_bprop)
+    return True
+
+
+def conv2d(x, weight, stride: int, padding: int):
+    """torch ``conv2d`` without bias (NCHW x OIHW, zero padding on all sides), computed in fp32 and returned in x's
+    dtype. ``available()`` must have returned True (outside graph code).
+
+    The op reads (stride, padding) from the shape of a small zero tensor, (stride, padding + 1).
+    """
+    geometry = mint.zeros((stride, padding + 1), dtype=ms.float32)
+    y = _ops["conv"](x.astype(ms.float32), weight.astype(ms.float32), geometry)
+    return y if x.dtype == ms.float32 else y.astype(x.dtype)  # (B, O, Ho, Wo)
+
+
+def group_norm(x, groups: int, weight, bias, eps: float):
+    """torch ``group_norm`` of float32 (B, C, *spatial) x with float32 weight and bias (C,). ``available()`` must have
+    returned True. The op reads the group count from the shape of its (groups,) conf tensor, eps from its value."""
+    conf = mint.ones((groups,), dtype=ms.float32) * eps  # mint.full has no CPU kernel
+    return _ops["group_norm"](x, weight, bias, conf)[0]

@@ -1,0 +1,164 @@
+"""The compiled CPU kernels (``cpu_kernels.py``: oneDNN convolution and GroupNorm as AOT custom ops) against torch:
+values and both gradients, in graph mode and PyNative, and the build's cache and fallback."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import MODES, rel_err
+
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from mindone_lumina import backend, cpu_kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(not backend.compiled_kernels(), reason="no C++ compiler: the portable path runs")
+
+CONVS = [  # (batch, in, out, height, width, kernel, stride, padding)
+    (2, 5, 7, 9, 10, 3, 1, 1),
+    (1, 8, 6, 10, 11, 3, 2, 0),
+    (2, 4, 3, 8, 9, 1, 1, 0),
+    (1, 3, 4, 11, 11, 3, 2, 1),
+    (3, 16, 32, 12, 7, 3, 1, 1),
+]
+
+
+class Conv(nn.Cell):
+    def __init__(self, stride: int, padding: int):
+        super().__init__()
+        self.stride, self.padding = stride, padding
+
+    def construct(self, x, weight, bias):
+        return backend.conv2d(x, weight, bias, self.stride, self.padding, kernel="onednn")
+
+
+class Norm(nn.Cell):
+    def __init__(self, groups: int, eps: float):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+
+    def construct(self, x, weight, bias):
+        return backend.group_norm(x, self.groups, weight, bias, self.eps, compiled=True)
+
+
+class Loss(nn.Cell):
+    """sum(f(*inputs) * weights): its gradient is the vector-Jacobian product with ``weights``."""
+
+    def __init__(self, f, weights):
+        super().__init__()
+        self.f, self.weights = f, Tensor(weights)
+
+    def construct(self, *inputs):
+        return (self.f(*inputs) * self.weights).sum()
+
+
+def run_both(f, inputs, cotangent, mode):
+    """f's value and the gradients of all its tensor inputs, in the given MindSpore mode."""
+    ms.set_context(mode=MODES[mode])
+    tensors = [Tensor(a) for a in inputs]
+    value = f(*tensors).asnumpy()
+    grads = ms.grad(Loss(f, cotangent), grad_position=tuple(range(len(inputs))))(*tensors)
+    return value, [g.asnumpy() for g in grads]
+
+
+def torch_both(f, inputs, cotangent):
+    tensors = [torch.tensor(a, requires_grad=True) for a in inputs]
+    value = f(*tensors)
+    value.backward(torch.tensor(cotangent))
+    return value.detach().numpy(), [t.grad.numpy() for t in tensors]
+
+
+@pytest.mark.parametrize("case", CONVS, ids=[f"conv{i}" for i in range(len(CONVS))])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_conv_matches_torch(case, mode):
+    b, c, o, h, w, k, s, p = case
+    rng = np.random.default_rng(sum(case))
+    x, weight = rng.standard_normal((b, c, h, w), np.float32), rng.standard_normal((o, c, k, k), np.float32)
+    bias = rng.standard_normal(o, dtype=np.float32)
+    cotangent = rng.standard_normal((b, o, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1), np.float32)
+    ref, ref_grads = torch_both(lambda *a: torch.nn.functional.conv2d(*a, stride=s, padding=p), [x, weight, bias],
+                                cotangent)  # fmt: skip
+    value, grads = run_both(Conv(s, p), [x, weight, bias], cotangent, mode)
+    assert value.shape == ref.shape
+    assert rel_err(value, ref) < 1e-6
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < 1e-6
+
+
+def test_conv_half_precision_runs_in_float32():
+    rng = np.random.default_rng(0)
+    x, weight = rng.standard_normal((1, 4, 6, 6), np.float32), rng.standard_normal((5, 4, 3, 3), np.float32)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    y = cpu_kernels.conv2d(Tensor(x, ms.float16), Tensor(weight, ms.float16), 1, 1)
+    assert y.dtype == ms.float16
+    ref = torch.nn.functional.conv2d(torch.tensor(x).half().float(), torch.tensor(weight).half().float(), padding=1)
+    assert rel_err(y.astype(ms.float32).asnumpy(), ref.numpy()) < 1e-3  # the fp16 rounding of the output
+
+
+NORMS = [  # (shape, groups, eps)
+    ((2, 8, 5, 6), 4, 1e-6),
+    ((1, 64, 16, 16), 32, 1e-6),
+    ((3, 6, 7), 3, 1e-5),
+    ((2, 4, 3, 50, 50), 2, 1e-6),  # groups longer than one summation block
+]
+
+
+@pytest.mark.parametrize("case", NORMS, ids=[f"norm{i}" for i in range(len(NORMS))])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_group_norm_matches_torch(case, mode):
+    shape, groups, eps = case
+    rng = np.random.default_rng(len(shape) + groups)
+    x = (rng.standard_normal(shape, np.float32) * 3 + 2).astype(np.float32)  # a mean and scale to remove
+    weight, bias = rng.standard_normal(shape[1], np.float32), rng.standard_normal(shape[1], np.float32)
+    cotangent = rng.standard_normal(shape, np.float32)
+    ref, ref_grads = torch_both(lambda *a: torch.nn.functional.group_norm(a[0], groups, a[1], a[2], eps),
+                                [x, weight, bias], cotangent)  # fmt: skip
+    value, grads = run_both(Norm(groups, eps), [x, weight, bias], cotangent, mode)
+    assert rel_err(value, ref) < 1e-6
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < 1e-5
+
+
+def fresh(code: str, **env) -> subprocess.CompletedProcess:
+    environ = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environ, capture_output=True, text=True)
+
+
+PROBE = """
+from mindone_lumina import backend
+backend.set_device("CPU")
+print(backend.compiled_kernels(), backend.conv_kernel())
+"""
+
+
+def test_build_is_cached_and_falls_back(tmp_path):
+    cache = str(tmp_path / "cache")
+    built = fresh(PROBE, MINDONE_LUMINA_CACHE=cache)
+    assert built.returncode == 0 and built.stdout.split() == ["True", "onednn"], built.stderr[-2000:]
+    libraries = os.listdir(cache)
+    assert len(libraries) == 1 and libraries[0].endswith(".so")  # no partial file left behind
+    library = os.path.join(cache, libraries[0])
+    stamp = os.stat(library).st_mtime_ns
+    again = fresh(PROBE, MINDONE_LUMINA_CACHE=cache)
+    assert again.stdout.split() == ["True", "onednn"] and os.stat(library).st_mtime_ns == stamp  # reused, not rebuilt
+
+    # a compiler that fails: a clear message, and the portable path (the cache is empty, so it must build)
+    failed = fresh(PROBE, MINDONE_LUMINA_CACHE=str(tmp_path / "other"), CXX="false")
+    assert failed.returncode == 0 and failed.stdout.split()[0] == "False"
+    assert "building the CPU kernels failed" in failed.stderr
+    assert not os.listdir(tmp_path / "other")
+    off = fresh(PROBE, MINDONE_LUMINA_CACHE=cache, MINDONE_LUMINA_CPU_KERNELS="0")
+    assert off.stdout.split()[0] == "False" and off.stdout.split()[1] in ("framework", "taps")
+
+
+def test_conv_kernel_setting_is_checked():
+    bad = fresh(PROBE, MINDONE_LUMINA_CONV="winograd")
+    assert bad.returncode != 0
+    assert "MINDONE_LUMINA_CONV='winograd': expected one of onednn, framework, taps" in bad.stderr
+    missing = fresh(PROBE, MINDONE_LUMINA_CONV="onednn", MINDONE_LUMINA_CPU_KERNELS="0")
+    assert missing.returncode != 0 and "MINDONE_LUMINA_CONV=onednn: the CPU kernels are unavailable" in missing.stderr
+    assert fresh(PROBE, MINDONE_LUMINA_CONV="taps").stdout.split() == ["True", "taps"]
