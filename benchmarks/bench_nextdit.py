@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from diffusers import LuminaNextDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+from workers import worker_env
 
 import mindspore as ms
 from mindspore import Tensor, mint
@@ -109,12 +110,12 @@ def worker(framework: str, seq: int, repeats: int) -> dict:
         args = [Tensor(a) for a in arrays]
         first, median = timed(lambda: nextdit.forward(model, *args).asnumpy(), repeats)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"first": first, "median": median, "peak_mb": peak_mb}
+    return {"first": first, "median": median, "peak_mb": peak_mb, "torch_threads": torch.get_num_threads()}
 
 
 def run_worker(framework: str, seq: int, repeats: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", framework, "--tokens", str(seq), "--repeats", str(repeats)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=worker_env()).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -149,6 +150,7 @@ def main():
             f"| {r['torch']['peak_mb']:.0f} / {r['graph']['peak_mb']:.0f} / {r['pynative']['peak_mb']:.0f} |",
             flush=True,
         )
+        print(f"# ({seq} tokens: the torch worker ran {r['torch']['torch_threads']} threads)", flush=True)
 
 
 if __name__ == "__main__":

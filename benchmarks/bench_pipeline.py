@@ -23,6 +23,7 @@ import tempfile
 import time
 
 import numpy as np
+from workers import worker_env
 
 PROMPT = "a photograph of a red fox sitting in a snowy forest at sunrise, detailed fur, soft light"
 
@@ -148,7 +149,7 @@ def mindspore_worker(folder: str, size: int, steps: int, denoiser: str = "shared
 def run_worker(kind: str, folder: str, size: int, steps: int, denoiser: str = "shared", isa: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--folder", folder, "--sizes", str(size), "--steps", str(steps)]
     cmd += ["--denoisers", denoiser]
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa} if isa else None  # this worker's oneDNN only
+    env = worker_env(ONEDNN_MAX_CPU_ISA=isa) if isa else worker_env()  # the cap: this worker's oneDNN only
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

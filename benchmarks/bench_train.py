@@ -28,6 +28,7 @@ import sys
 import time
 
 import numpy as np
+from workers import worker_env
 
 MODELS = {  # name -> (Next-DiT config, caption tokens)
     "bench": ({"dim": 384, "n_layers": 6, "n_heads": 6, "n_kv_heads": 2, "qk_norm": True, "cap_feat_dim": 256,
@@ -157,13 +158,18 @@ def time_steps(step, repeats: int) -> dict:
 
 def worker(kind: str, size: int, tokens: int, repeats: int, rank: int = 0) -> dict:
     step = torch_step(size, tokens, rank) if kind == "torch" else project_step(kind, size, tokens, rank)
-    return time_steps(step, repeats)
+    result = time_steps(step, repeats)
+    if kind == "torch":
+        import torch
+
+        result["threads"] = torch.get_num_threads()  # the worker's own, reported in the table's header
+    return result
 
 
 def run_worker(kind: str, args, rank: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--batch", str(args.batch), "--tokens", str(args.tokens),
            "--repeats", str(args.repeats), "--model", args.model, "--worker-rank", str(rank)]  # fmt: skip
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=worker_env()).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -187,11 +193,11 @@ def main():
     import mindspore as ms
 
     if args.lora:
-        lora_table(args, torch.__version__, torch.get_num_threads(), ms.__version__)
+        lora_table(args, torch.__version__, ms.__version__)
         return
 
     r = {kind: run_worker(kind, args) for kind in ("torch", "fp32", "fp16")}
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} "
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__} ({r['torch']['threads']} "
           f"threads), mindspore {ms.__version__}; {args.model} model, batch {args.batch} x {args.tokens} tokens, "
           f"median of {args.repeats} steps, each in its own process")  # fmt: skip
     print("| step | PyTorch eager (diffusers + AdamW) | MindSpore graph fp32 | MindSpore graph fp16 |")
@@ -206,7 +212,7 @@ def main():
           f"| {r['fp16']['loss0']:.6f} |")  # fmt: skip
 
 
-def lora_table(args, torch_version, threads, ms_version) -> None:
+def lora_table(args, torch_version, ms_version) -> None:
     """Full fine-tuning vs LoRA: step time in both frameworks, trained parameters, file sizes."""
     import os
     import tempfile
@@ -226,6 +232,7 @@ def lora_table(args, torch_version, threads, ms_version) -> None:
         lora_files.save_adapter(model, os.path.join(tmp, "adapter"))
         adapter_mb = os.path.getsize(os.path.join(tmp, "adapter", lora_files.WEIGHTS)) / 1e6
     adapter = sum(int(np.prod(p.shape)) for p in lora.adapter_state(model).values())
+    threads = runs[("torch", 0)]["threads"]
     print(f"# {platform.processor() or platform.machine()}, torch {torch_version} ({threads} threads), mindspore "
           f"{ms_version}; {args.model} model, batch {args.batch} x {args.tokens} tokens, median of {args.repeats} "
           f"steps, each in its own process; LoRA rank {args.lora} on attention + feed-forward, fp32")  # fmt: skip

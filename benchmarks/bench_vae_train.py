@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 from bench_train import time_steps  # the same timing protocol as the Next-DiT step
+from workers import worker_env
 
 
 def initial_state(vae_config) -> dict:
@@ -104,7 +105,12 @@ def load_recipe(args):
 
 def worker(kind: str, args) -> dict:
     cfg = load_recipe(args)
-    return time_steps(torch_step(cfg) if kind == "torch" else project_step(cfg, args.conv), args.repeats)
+    result = time_steps(torch_step(cfg) if kind == "torch" else project_step(cfg, args.conv), args.repeats)
+    if kind == "torch":
+        import torch
+
+        result["threads"] = torch.get_num_threads()  # the worker's own, reported in the table's header
+    return result
 
 
 def run_worker(kind: str, args) -> dict:
@@ -112,7 +118,7 @@ def run_worker(kind: str, args) -> dict:
     if args.batch:
         cmd += ["--batch", str(args.batch)]
     cmd += ["--conv", args.conv]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=worker_env()).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -137,7 +143,7 @@ def main():
 
     cfg = load_recipe(args)
     r = {kind: run_worker(kind, args) for kind in ("torch", "fp32")}
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} "
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__} ({r['torch']['threads']} "
           f"threads), mindspore {ms.__version__}; {args.recipe}: VAE {cfg.vae}, batch {cfg.batch_size} x "
           f"{cfg.resolution}x{cfg.resolution} px, median of {args.repeats} steps, each in its own process")  # fmt: skip
     print("| step | PyTorch eager (diffusers + AdamW) | MindSpore graph fp32 |")

@@ -1,0 +1,14 @@
+"""The environment of a benchmark's worker processes.
+
+``import mindspore`` sets ``OMP_NUM_THREADS`` (to 1 on a 2-core machine: MindSpore's ``SetOMPThreadNum`` takes half the
+cores divided by 4, at least 1) with C ``setenv``. Python's ``os.environ`` does not see that, but a child started with
+``env=None`` inherits it: a PyTorch worker started by a parent that had imported MindSpore ran its ops on one thread
+(found 2026-12-06, issue #30; the rows measured that way are marked in benchmarks/README). Every worker therefore
+gets the environment the parent started with, which ``os.environ`` still holds, plus any extra variables.
+"""
+
+import os
+
+
+def worker_env(**extra: str) -> dict:
+    return {**os.environ, **extra}
