@@ -419,9 +419,7 @@ def conv2d(x, weight, bias, stride: int = 1, padding: int = 0, kernel: str = "ta
     if kernel == "framework":
         return ops.conv2d(x, weight, bias, stride=stride, pad_mode="pad", padding=padding)
     if kernel == "onednn":
-        y = cpu_kernels.conv2d(x, weight, stride, padding)  # (B, O, Ho, Wo)
-        b, o, ho, wo = y.shape
-        return _bias_add(y.reshape(b, o, ho * wo), bias).reshape(b, o, ho, wo)
+        return cpu_kernels.conv2d(x, weight, bias, stride, padding)
     b, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     s, p = stride, padding

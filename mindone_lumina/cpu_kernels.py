@@ -61,7 +61,7 @@ def _build() -> Path | None:
     return target
 
 
-def _conv_shape(x, w, geometry):
+def _conv_shape(x, w, b, geometry):
     stride, padding = geometry[0], geometry[1] - 1
     return (x[0], w[0], (x[2] + 2 * padding - w[2]) // stride + 1, (x[3] + 2 * padding - w[3]) // stride + 1)
 
@@ -81,11 +81,12 @@ def available() -> bool:
     library = _build()
     if library is None:
         return False
-    conv_data = _custom(library, "ConvBackwardData", lambda dy, w, g, x: x)
-    conv_weights = _custom(library, "ConvBackwardWeights", lambda dy, x, g, w: w)
+    conv_data = _custom(library, "ConvBackwardData", lambda dy, w, x, g: x)
+    conv_weights = _custom(library, "ConvBackwardWeights", lambda dy, x, w, g: (w, w[:1]), outputs=2)
 
-    def conv_bprop(x, w, geometry, out, dout):
-        return conv_data(dout, w, geometry, x), conv_weights(dout, x, geometry, w), ops.zeros_like(geometry)
+    def conv_bprop(x, w, b, geometry, out, dout):
+        dw, db = conv_weights(dout, x, w, geometry)
+        return conv_data(dout, w, x, geometry), dw, db, ops.zeros_like(geometry)
 
     norm_backward = _custom(library, "GroupNormBackward", lambda dy, x, w, m, r, c: (x, w, w), outputs=3)
 
@@ -99,14 +100,14 @@ def available() -> bool:
     return True
 
 
-def conv2d(x, weight, stride: int, padding: int):
-    """torch ``conv2d`` without bias (NCHW x OIHW, zero padding on all sides), computed in fp32 and returned in x's
-    dtype. ``available()`` must have returned True (outside graph code).
+def conv2d(x, weight, bias, stride: int, padding: int):
+    """torch ``conv2d`` (NCHW x OIHW + (O,), zero padding on all sides), computed in fp32 and returned in x's dtype.
+    ``available()`` must have returned True (outside graph code).
 
     The op reads (stride, padding) from the shape of a small zero tensor, (stride, padding + 1).
     """
     geometry = mint.zeros((stride, padding + 1), dtype=ms.float32)
-    y = _ops["conv"](x.astype(ms.float32), weight.astype(ms.float32), geometry)
+    y = _ops["conv"](x.astype(ms.float32), weight.astype(ms.float32), bias.astype(ms.float32), geometry)
     return y if x.dtype == ms.float32 else y.astype(x.dtype)  # (B, O, Ho, Wo)
 
 

@@ -93,7 +93,7 @@ def test_conv_half_precision_runs_in_float32():
     rng = np.random.default_rng(0)
     x, weight = rng.standard_normal((1, 4, 6, 6), np.float32), rng.standard_normal((5, 4, 3, 3), np.float32)
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    y = cpu_kernels.conv2d(Tensor(x, ms.float16), Tensor(weight, ms.float16), 1, 1)
+    y = cpu_kernels.conv2d(Tensor(x, ms.float16), Tensor(weight, ms.float16), Tensor(np.zeros(5), ms.float16), 1, 1)
     assert y.dtype == ms.float16
     ref = torch.nn.functional.conv2d(torch.tensor(x).half().float(), torch.tensor(weight).half().float(), padding=1)
     assert rel_err(y.astype(ms.float32).asnumpy(), ref.numpy()) < 1e-3  # the fp16 rounding of the output

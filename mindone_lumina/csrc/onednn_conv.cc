@@ -65,10 +65,11 @@ status_t dnnl_stream_wait(stream_t stream);
 namespace {
 
 // enum values of oneDNN 3.x (dnnl_types.h, dnnl_common_types.h)
-constexpr int kCpu = 1, kF32 = 3, kAny = 1, kPlain4d = 5;  // dnnl_cpu, dnnl_f32, dnnl_format_tag_any, dnnl_abcd
+constexpr int kCpu = 1, kF32 = 3, kAny = 1, kPlain1d = 2, kPlain4d = 5;  // dnnl_cpu, dnnl_f32, format tags any, a, abcd
 constexpr int kForwardTraining = 64, kForwardInference = 96, kConvolutionDirect = 1;
 constexpr int kQueryExecArgMd = 255;
-constexpr int kSrc = 1, kDst = 17, kWeights = 33, kDiffSrc = 129, kDiffDst = 145, kDiffWeights = 161;
+constexpr int kSrc = 1, kDst = 17, kWeights = 33, kBias = 41, kDiffSrc = 129, kDiffDst = 145, kDiffWeights = 161;
+constexpr int kDiffBias = 169;
 
 struct Runtime {
   engine_t engine = nullptr;
@@ -111,14 +112,16 @@ Runtime *runtime() {
   return rt;
 }
 
-md_t plain_md(const int64_t *shape, int tag) {
+// a 4-D tensor's descriptor, or with ndims 1 the bias (O,) of the weights' shape
+md_t plain_md(const int64_t *shape, int tag, int ndims = 4) {
   dims_t dims = {shape[0], shape[1], shape[2], shape[3]};
   md_t md = nullptr;
-  return ok(dnnl_memory_desc_create_with_tag(&md, 4, dims, kF32, tag), "memory descriptor") ? md : nullptr;
+  return ok(dnnl_memory_desc_create_with_tag(&md, ndims, dims, kF32, tag), "memory descriptor") ? md : nullptr;
 }
 
-bool add_arg(Entry &e, Runtime *rt, int id, const int64_t *shape, bool output) {
-  Arg a{id, plain_md(shape, kPlain4d), dnnl_primitive_desc_query_md(e.pd, kQueryExecArgMd, id)};
+bool add_arg(Entry &e, Runtime *rt, int id, const int64_t *shape, bool output, int ndims = 4) {
+  Arg a{id, plain_md(shape, ndims == 4 ? kPlain4d : kPlain1d, ndims),
+        dnnl_primitive_desc_query_md(e.pd, kQueryExecArgMd, id)};
   if (a.plain == nullptr || a.chosen == nullptr) return false;
   if (!dnnl_memory_desc_equal(a.plain, a.chosen)) {
     pd_t rpd = nullptr;
@@ -133,7 +136,8 @@ bool add_arg(Entry &e, Runtime *rt, int id, const int64_t *shape, bool output) {
   return true;
 }
 
-// shapes: x (B, C, H, W), w (O, C, kh, kw), y (B, O, Ho, Wo); the entry's args are ordered inputs first, output last.
+// shapes: x (B, C, H, W), w (O, C, kh, kw), y (B, O, Ho, Wo); the bias is (O,). The entry's args are ordered as the
+// op's tensors: inputs first, outputs last.
 Entry *entry(Kind kind, const int64_t *x, const int64_t *w, const int64_t *y, int64_t stride, int64_t padding) {
   std::vector<int64_t> key = {kind, stride, padding};
   for (const int64_t *s : {x, w, y}) key.insert(key.end(), s, s + 4);
@@ -142,16 +146,17 @@ Entry *entry(Kind kind, const int64_t *x, const int64_t *w, const int64_t *y, in
   Runtime *rt = runtime();
   if (rt == nullptr) return nullptr;
   dims_t strides = {stride, stride}, dilates = {0, 0}, pad = {padding, padding};
-  md_t any_x = plain_md(x, kAny), any_w = plain_md(w, kAny), any_y = plain_md(y, kAny);
+  md_t any_x = plain_md(x, kAny), any_w = plain_md(w, kAny), any_y = plain_md(y, kAny), bias = plain_md(w, kPlain1d, 1);
   pd_t fwd = nullptr;
   Entry e;
   bool built = ok(dnnl_convolution_forward_primitive_desc_create(
                       &fwd, rt->engine, kind == kForward ? kForwardInference : kForwardTraining, kConvolutionDirect,
-                      any_x, any_w, nullptr, any_y, strides, dilates, pad, pad, nullptr),
+                      any_x, any_w, bias, any_y, strides, dilates, pad, pad, nullptr),
                   "convolution forward descriptor");
   if (built && kind == kForward) {
     e.pd = fwd, fwd = nullptr;
-    built = add_arg(e, rt, kSrc, x, false) && add_arg(e, rt, kWeights, w, false) && add_arg(e, rt, kDst, y, true);
+    built = add_arg(e, rt, kSrc, x, false) && add_arg(e, rt, kWeights, w, false) &&
+            add_arg(e, rt, kBias, w, false, 1) && add_arg(e, rt, kDst, y, true);
   } else if (built && kind == kBackwardData) {
     built = ok(dnnl_convolution_backward_data_primitive_desc_create(&e.pd, rt->engine, kConvolutionDirect, any_x, any_w,
                                                                     any_y, strides, dilates, pad, pad, fwd, nullptr),
@@ -160,20 +165,20 @@ Entry *entry(Kind kind, const int64_t *x, const int64_t *w, const int64_t *y, in
             add_arg(e, rt, kDiffSrc, x, true);
   } else if (built) {
     built = ok(dnnl_convolution_backward_weights_primitive_desc_create(&e.pd, rt->engine, kConvolutionDirect, any_x,
-                                                                       any_w, nullptr, any_y, strides, dilates, pad,
+                                                                       any_w, bias, any_y, strides, dilates, pad,
                                                                        pad, fwd, nullptr),
                "convolution backward-weights descriptor") &&
             add_arg(e, rt, kDiffDst, y, false) && add_arg(e, rt, kSrc, x, false) &&
-            add_arg(e, rt, kDiffWeights, w, true);
+            add_arg(e, rt, kDiffWeights, w, true) && add_arg(e, rt, kDiffBias, w, true, 1);
   }
   built = built && ok(dnnl_primitive_create(&e.prim, e.pd), "convolution primitive");
-  for (md_t md : {any_x, any_w, any_y}) dnnl_memory_desc_destroy(md);
+  for (md_t md : {any_x, any_w, any_y, bias}) dnnl_memory_desc_destroy(md);
   if (fwd != nullptr) dnnl_primitive_desc_destroy(fwd);
   if (!built) return nullptr;  // the half-built entry leaks: this process has already failed
   return &cache.emplace(key, e).first->second;
 }
 
-// Runs the entry on the caller's plain buffers (inputs first, output last), reordering through temporary buffers.
+// Runs the entry on the caller's plain buffers (in the order of its args), reordering through temporary buffers.
 bool execute(Entry *e, const std::vector<void *> &plain) {
   Runtime *rt = runtime();
   std::vector<mem_t> mems;
@@ -190,7 +195,11 @@ bool execute(Entry *e, const std::vector<void *> &plain) {
     exec_arg_t args[2] = {{kSrc, from}, {kDst, to}};
     good = good && ok(dnnl_primitive_execute(prim, rt->stream, 2, args), "reorder");
   };
-  std::vector<std::pair<mem_t, mem_t>> outputs;  // (chosen, plain) pairs to reorder after the conv
+  struct Pending {
+    prim_t reorder;
+    mem_t chosen, user;
+  };
+  std::vector<Pending> outputs;  // the outputs to reorder to the caller's layout after the conv
   for (size_t i = 0; i < e->args.size() && good; ++i) {
     const Arg &a = e->args[i];
     mem_t user = memory(a.plain, plain[i]);
@@ -204,11 +213,11 @@ bool execute(Entry *e, const std::vector<void *> &plain) {
     mem_t chosen = memory(a.chosen, data);
     conv_args.push_back({a.id, chosen});
     if (a.to_chosen != nullptr) reorder(a.to_chosen, user, chosen);
-    if (a.to_plain != nullptr) outputs.emplace_back(chosen, user);
+    if (a.to_plain != nullptr) outputs.push_back({a.to_plain, chosen, user});
   }
   good = good && ok(dnnl_primitive_execute(e->prim, rt->stream, static_cast<int>(conv_args.size()), conv_args.data()),
                     "convolution");
-  for (auto &o : outputs) reorder(e->args.back().to_plain, o.first, o.second);
+  for (const Pending &o : outputs) reorder(o.reorder, o.chosen, o.user);
   good = good && ok(dnnl_stream_wait(rt->stream), "stream wait");
   for (mem_t m : mems)
     if (m != nullptr) dnnl_memory_destroy(m);
@@ -216,21 +225,31 @@ bool execute(Entry *e, const std::vector<void *> &plain) {
   return good;
 }
 
-// params: the inputs, then the output. Forward: x, w, geometry -> y. Backward data: dy, w, geometry, x -> dx (x only
-// for its shape). Backward weights: dy, x, geometry, w -> dw (w only for its shape).
+// params: the inputs, then the outputs; the geometry is always params[3]. Forward: x, w, bias, geometry -> y.
+// Backward data: dy, w, x, geometry -> dx (x only for its shape). Backward weights: dy, x, w, geometry -> dw, dbias
+// (w only for its shape).
 int run(Kind kind, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  int out = nparam - 1;
-  if (nparam != (kind == kForward ? 4 : 5) || ndims[0] != 4 || ndims[1] != 4 || ndims[2] != 2 || ndims[out] != 4)
-    return 1;
-  for (int i : {0, 1, out})
-    if (std::string(dtypes[i]) != "float32") return 2;
+  const int expected = kind == kBackwardWeights ? 6 : 5;
+  if (nparam != expected || ndims[3] != 2) return 1;
+  for (int i = 0; i < nparam; ++i) {
+    const bool bias = (kind == kForward && i == 2) || i == 5;
+    if (i != 3 && (std::string(dtypes[i]) != "float32" || ndims[i] != (bias ? 1 : 4))) return 2;
+  }
   const int64_t *x, *w, *y;
-  if (kind == kForward) x = shapes[0], w = shapes[1], y = shapes[out];
-  else if (kind == kBackwardData) y = shapes[0], w = shapes[1], x = shapes[out];
-  else y = shapes[0], x = shapes[1], w = shapes[out];
+  std::vector<void *> tensors;  // in the order of the entry's args
+  if (kind == kForward) {
+    x = shapes[0], w = shapes[1], y = shapes[4];
+    tensors = {params[0], params[1], params[2], params[4]};
+  } else if (kind == kBackwardData) {
+    y = shapes[0], w = shapes[1], x = shapes[4];
+    tensors = {params[0], params[1], params[4]};
+  } else {
+    y = shapes[0], x = shapes[1], w = shapes[4];
+    tensors = {params[0], params[1], params[4], params[5]};
+  }
   std::lock_guard<std::mutex> guard(lock);
-  Entry *e = entry(kind, x, w, y, shapes[2][0], shapes[2][1] - 1);
-  return e != nullptr && execute(e, {params[0], params[1], params[out]}) ? 0 : 3;
+  Entry *e = entry(kind, x, w, y, shapes[3][0], shapes[3][1] - 1);
+  return e != nullptr && execute(e, tensors) ? 0 : 3;
 }
 
 }  // namespace
