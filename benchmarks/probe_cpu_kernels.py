@@ -6,9 +6,11 @@ Graph mode, fp32, 10 (matmul) or 9 (conv taps) products per graph, each on a dif
 compiler cannot merge them; the best of ``--repeats`` runs (one run of MindSpore's Conv2D, which can take seconds).
 Shapes are the project's: a Next-DiT FFN linear (4,096 tokens x 768 -> 3,072), attention products (12 heads x 1,024
 tokens x 64) and a VAE 3x3 conv (128 -> 128 channels at 128² px). MindSpore runs twice, each time in a fresh process:
-as oneDNN chooses, and capped at AVX2 (``ONEDNN_MAX_CPU_ISA``, what ``backend.favour_convolutions`` does), where its
-Conv2D leaves oneDNN's reference path. Then oneDNN's own report (``ONEDNN_VERBOSE=1``, in a subprocess) names the
-implementation MindSpore's native matmul and Conv2D run. Run it with nothing else on the machine.
+as oneDNN chooses, and capped at AVX2 (``ONEDNN_MAX_CPU_ISA``, what ``backend.favour_convolutions`` does without the
+compiled kernels), where its Conv2D leaves oneDNN's reference path. The compiled kernels (``cpu_kernels``: the conv on
+oneDNN's blocked layouts, a GroupNorm) run beside MindSpore's own, with the VAE's GroupNorm at 256² px. Then
+oneDNN's own report (``ONEDNN_VERBOSE=1``, in a subprocess) names the implementation MindSpore's native matmul and
+Conv2D run. Run it with nothing else on the machine.
 """
 
 import argparse
@@ -26,6 +28,10 @@ HEADS, SEQ, HEAD_DIM = 12, 1024, 64
 CH, SIDE = 128, 128  # VAE conv
 CONV = "3x3 conv 128->128 at 128² (ours: 9 tap matmuls, no shifts; torch: conv2d)"
 NATIVE = "the same conv on MindSpore's Conv2D (oneDNN)"
+COMPILED = "the same conv on the project's compiled oneDNN op (cpu_kernels)"
+NORM = "GroupNorm, 32 groups, 128 ch at 256² (MindSpore's GroupNorm; torch: group_norm)"
+NORM_COMPILED = "the same GroupNorm on the project's compiled op (cpu_kernels)"
+AGAINST = {NATIVE: CONV, COMPILED: CONV, NORM_COMPILED: NORM}  # rows timed against another row's torch figure
 
 
 def best(fn, repeats: int) -> float:
@@ -42,7 +48,9 @@ def mindspore_rows(repeats: int) -> dict:
     import mindspore as ms
     from mindspore import Tensor, mint, nn, ops
 
-    ms.set_device("CPU")
+    from mindone_lumina import backend, cpu_kernels
+
+    backend.set_device("CPU")  # with the host-blocking run, as every tool
     ms.set_context(mode=ms.GRAPH_MODE)
     rng = np.random.default_rng(0)
     x = Tensor(rng.standard_normal((M, K), np.float32))
@@ -91,9 +99,28 @@ def mindspore_rows(repeats: int) -> dict:
         def construct(self, image, weight):
             return ops.conv2d(image, weight, pad_mode="pad", padding=1)
 
+    class Compiled(nn.Cell):
+        def construct(self, image, weight):
+            return cpu_kernels.conv2d(image, weight, mint.zeros((CH,), dtype=ms.float32), 1, 1)
+
+    class Norm(nn.Cell):
+        def __init__(self, compiled: bool):
+            super().__init__()
+            self.use_compiled = compiled
+
+        def construct(self, x, w, b):
+            return backend.group_norm(x, 32, w, b, 1e-6, self.use_compiled)
+
     weight = Tensor(rng.standard_normal((CH, CH, 3, 3), np.float32) * 0.05)
     image_4d = image.reshape(1, CH, SIDE, SIDE)
     dense, plain, attention, conv, native = Dense(), Plain(), Attention(), Taps(), Native()
+    feature, scale, shift = (Tensor(rng.standard_normal(s, np.float32)) for s in ((1, CH, 256, 256), (CH,), (CH,)))
+    compiled, norm, norm_compiled, conv_compiled = {}, Norm(False), Norm(True), Compiled()
+    if backend.compiled_kernels():
+        compiled = {
+            COMPILED: (best(lambda: conv_compiled(image_4d, weight).asnumpy(), repeats), 9 * 2 * CH * CH * SIDE**2),
+            NORM_COMPILED: (best(lambda: norm_compiled(feature, scale, shift).asnumpy(), repeats), 0),
+        }  # fmt: skip
     return {
         "linear (MatMul transpose_b, nn.Dense)": (best(lambda: dense(x, w).asnumpy(), repeats), 10 * 2 * M * K * N),
         "linear as plain matmul on an (in, out) weight": (
@@ -106,6 +133,8 @@ def mindspore_rows(repeats: int) -> dict:
         ),  # fmt: skip
         CONV: (best(lambda: conv(image, taps).asnumpy(), repeats), 9 * 2 * CH * CH * SIDE**2),
         NATIVE: (best(lambda: native(image_4d, weight).asnumpy(), 1), 9 * 2 * CH * CH * SIDE**2),
+        NORM: (best(lambda: norm(feature, scale, shift).asnumpy(), repeats), 0),
+        **compiled,
     }
 
 
@@ -116,6 +145,7 @@ def torch_rows(repeats: int) -> dict:
     x, w = torch.randn(M, K), torch.randn(N, K)
     q, k, v = (torch.randn(1, HEADS, SEQ, HEAD_DIM) for _ in range(3))
     image, weight = torch.randn(1, CH, SIDE, SIDE), torch.randn(CH, CH, 3, 3) * 0.05
+    feature, scale, shift = torch.randn(1, CH, 256, 256), torch.randn(CH), torch.randn(CH)
 
     def linear():
         return sum(torch.nn.functional.linear(x * (i + 1.0), w) for i in range(10))
@@ -130,6 +160,7 @@ def torch_rows(repeats: int) -> dict:
             best(lambda: torch.nn.functional.conv2d(image, weight, padding=1), repeats),
             9 * 2 * CH * CH * SIDE**2,
         ),  # fmt: skip
+        NORM: (best(lambda: torch.nn.functional.group_norm(feature, 32, scale, shift, 1e-6), repeats), 0),
     }
 
 
@@ -186,15 +217,17 @@ def main():
     theirs = torch_rows(args.repeats)
     print("| product | MindSpore s | GFLOP/s | at AVX2 s | GFLOP/s | torch s | GFLOP/s | ratio | at AVX2 |")
     print("|---|---|---|---|---|---|---|---|---|")
+    rate = lambda flops, seconds: f"{flops / seconds / 1e9:.0f}" if flops else "—"  # noqa: E731
     for name, (seconds, flops) in ours.items():
         low, ref = capped[name][0], theirs.get(name)
         if ref:
-            ref_text = f"{ref[0]:.3f} | {ref[1] / ref[0] / 1e9:.0f} | {seconds / ref[0]:.2f} | {low / ref[0]:.2f}"
-        elif name == NATIVE:  # against torch's conv row
-            ref_text = f"— | — | {seconds / theirs[CONV][0]:.2f} | {low / theirs[CONV][0]:.2f}"
+            ref_text = f"{ref[0]:.3f} | {rate(ref[1], ref[0])} | {seconds / ref[0]:.2f} | {low / ref[0]:.2f}"
+        elif name in AGAINST:  # against another row's torch figure
+            ref = theirs[AGAINST[name]][0]
+            ref_text = f"— | — | {seconds / ref:.2f} | {low / ref:.2f}"
         else:
             ref_text = "— | — | — | —"
-        rates = f"{seconds:.3f} | {flops / seconds / 1e9:.0f} | {low:.3f} | {flops / low / 1e9:.0f}"
+        rates = f"{seconds:.3f} | {rate(flops, seconds)} | {low:.3f} | {rate(flops, low)}"
         print(f"| {name} | {rates} | {ref_text} |")
     for isa in (None, "AVX2"):
         print(f"\noneDNN (ONEDNN_VERBOSE=1{', ONEDNN_MAX_CPU_ISA=' + isa if isa else ''}):")
