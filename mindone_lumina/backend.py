@@ -164,7 +164,7 @@ def layer_norm(x, weight, bias, eps: float, fused: bool = False):
 def group_norm(x, groups: int, weight, bias, eps: float, compiled: bool = False):
     """torch ``group_norm`` of (B, C, *spatial) with statistics and affine in fp32, returned in x's dtype (torch also
     computes half-precision GroupNorm in fp32). ``compiled``: the project's CPU kernel (``compiled_kernels()``;
-    MindSpore's CPU GroupNorm and its gradient are 15-20x slower than torch's)."""
+    MindSpore's CPU GroupNorm with its gradient took 18x torch's time on a VAE training shape)."""
     x32, w, b = x.astype(ms.float32), weight.astype(ms.float32), bias.astype(ms.float32)
     if compiled:
         return cpu_kernels.group_norm(x32, groups, w, b, eps).astype(x.dtype)
@@ -362,19 +362,26 @@ def native_conv() -> bool:
     return lib is not None and (lib.dnnl_get_effective_cpu_isa() & _ONEDNN_AVX512_CORE) != _ONEDNN_AVX512_CORE
 
 
-def conv_kernel() -> str:
-    """The convolution kernel of ``conv2d`` for this process: "framework" (MindSpore's ``Conv2D``: on Ascend, or on CPU
-    where it is fast), "onednn" (the custom ops of ``cpu_kernels.py``) or "taps" (one matmul per kernel tap).
-
-    ``MINDONE_LUMINA_CONV`` overrides the CPU choice; "onednn" there fails if the ops are unavailable.
-    """
-    if use_fused_kernels() or not is_cpu():
-        return "framework" if native_conv() else "taps"
+def _chosen_conv() -> str:
+    """``MINDONE_LUMINA_CONV``, checked ("" when unset); "onednn" fails where the compiled kernels are unavailable.
+    Does not read oneDNN's instruction set, so ``favour_convolutions`` can ask before capping it."""
     chosen = os.environ.get("MINDONE_LUMINA_CONV", "")
     if chosen and chosen not in CONV_KERNELS:
         raise ValueError(f"MINDONE_LUMINA_CONV={chosen!r}: expected one of {', '.join(CONV_KERNELS)}")
     if chosen == "onednn" and not compiled_kernels():
         raise ValueError("MINDONE_LUMINA_CONV=onednn: the CPU kernels are unavailable (see compiled_kernels)")
+    return chosen
+
+
+def conv_kernel() -> str:
+    """The convolution kernel of ``conv2d`` for this process: "framework" (MindSpore's ``Conv2D``: on Ascend, or on CPU
+    where it is fast), "onednn" (the custom ops of ``cpu_kernels.py``) or "taps" (one matmul per kernel tap).
+
+    ``MINDONE_LUMINA_CONV`` overrides the CPU choice (``_chosen_conv``).
+    """
+    if use_fused_kernels() or not is_cpu():
+        return "framework" if native_conv() else "taps"
+    chosen = _chosen_conv()
     if chosen:
         return chosen
     if compiled_kernels():
@@ -391,7 +398,7 @@ def favour_convolutions() -> str:
     Leaves an ``ONEDNN_MAX_CPU_ISA`` set by the user alone, and cannot act once oneDNN has run. Returns
     ``conv_kernel()``.
     """
-    chosen = os.environ.get("MINDONE_LUMINA_CONV", "")  # not conv_kernel(): reading the ISA would fix it
+    chosen = _chosen_conv() if is_cpu() else ""  # not conv_kernel(): reading the ISA would fix it
     wanted = is_cpu() and chosen != "taps" and (chosen == "framework" or not compiled_kernels())
     lib = _onednn() if wanted else None
     if lib is not None and not any(os.environ.get(v) for v in _ISA_VARIABLES):

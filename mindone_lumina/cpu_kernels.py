@@ -1,10 +1,11 @@
 """CPU kernels the project compiles itself: MindSpore AOT custom ops for the VAE's convolution and GroupNorm.
 
 MindSpore 2.10's CPU ``Conv2D`` hands oneDNN plain NCHW/OIHW memory, which on an AVX-512 processor sends a 3x3 conv to
-oneDNN's reference kernel (backend.py, "Convolution"), and its CPU ``GroupNorm``/``GroupNormGrad`` run 15-20x slower
-than torch's. ``csrc/onednn_conv.cc`` calls the same oneDNN (MindSpore's own ``libdnnl.so.3``) through its C API with
-the layouts left to oneDNN, as torch does, for the forward pass and both gradients; ``csrc/group_norm.cc`` is a plain
-GroupNorm and its gradient; both run on one threadpool (``csrc/threadpool.h``).
+oneDNN's reference kernel (backend.py, "Convolution"), and its CPU ``GroupNorm`` with ``GroupNormGrad`` took 18x
+torch's time (a VAE training shape, benchmarks/README). ``csrc/onednn_conv.cc`` calls the same oneDNN (MindSpore's
+own ``libdnnl.so.3``) through its C API with the layouts left to oneDNN, as torch does, for the forward pass and both
+gradients; ``csrc/group_norm.cc`` is a plain GroupNorm and its gradient; both run on one threadpool
+(``csrc/threadpool.h``).
 
 The sources are compiled at first use with the system's C++ compiler (``$CXX`` or ``g++``) into a cache folder
 (``$MINDONE_LUMINA_CACHE``, else ``$XDG_CACHE_HOME/mindone_lumina``, else ``~/.cache/mindone_lumina``), under a name

@@ -1,6 +1,6 @@
 // GroupNorm (torch semantics: biased variance, eps inside the root, per-channel affine) and its gradient as MindSpore
-// AOT custom ops on CPU. MindSpore 2.10's CPU GroupNorm and GroupNormGrad run 15-20x slower than torch's (measured
-// on the VAE's shapes, benchmarks/README); these run one (sample, group) pair per task on threadpool.h.
+// AOT custom ops on CPU. MindSpore 2.10's CPU GroupNorm and GroupNormGrad took 18x torch's time (forward and
+// gradient on a VAE training shape, benchmarks/README); these run one (sample, group) pair per task on threadpool.h.
 //
 // Float32, contiguous (B, C, *spatial). The last input is a float32 tensor of shape (G,) whose first value is eps:
 // its shape carries the group count to the kernel and to MindSpore's shape inference.

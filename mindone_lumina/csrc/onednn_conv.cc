@@ -22,7 +22,7 @@
 extern "C" {
 typedef int status_t;  // dnnl_status_t; 0 = success
 typedef int64_t dims_t[12];  // dnnl_dims_t (DNNL_MAX_NDIMS = 12)
-typedef void *engine_t, *stream_t, *md_t, *pd_t, *prim_t, *mem_t, *attr_t;
+typedef void *engine_t, *stream_t, *md_t, *pd_t, *prim_t, *mem_t;
 typedef struct {
   int arg;
   mem_t memory;
@@ -125,11 +125,10 @@ bool add_arg(Entry &e, Runtime *rt, int id, const int64_t *shape, bool output, i
   if (a.plain == nullptr || a.chosen == nullptr) return false;
   if (!dnnl_memory_desc_equal(a.plain, a.chosen)) {
     pd_t rpd = nullptr;
-    bool built = output ? ok(dnnl_reorder_primitive_desc_create(&rpd, a.chosen, rt->engine, a.plain, rt->engine, nullptr),
-                             "reorder")
-                        : ok(dnnl_reorder_primitive_desc_create(&rpd, a.plain, rt->engine, a.chosen, rt->engine, nullptr),
-                             "reorder");
-    if (!built || !ok(dnnl_primitive_create(output ? &a.to_plain : &a.to_chosen, rpd), "reorder primitive")) return false;
+    const void *from = output ? a.chosen : a.plain, *to = output ? a.plain : a.chosen;
+    if (!ok(dnnl_reorder_primitive_desc_create(&rpd, from, rt->engine, to, rt->engine, nullptr), "reorder") ||
+        !ok(dnnl_primitive_create(output ? &a.to_plain : &a.to_chosen, rpd), "reorder primitive"))
+      return false;
     dnnl_primitive_desc_destroy(rpd);
   }
   e.args.push_back(a);
@@ -209,6 +208,11 @@ bool execute(Entry *e, const std::vector<void *> &plain) {
     }
     size_t size = (dnnl_memory_desc_get_size(a.chosen) + 63) / 64 * 64;
     void *data = std::aligned_alloc(64, size);
+    if (data == nullptr) {
+      std::fprintf(stderr, "onednn_conv: out of memory for a %zu-byte reorder buffer\n", size);
+      good = false;
+      break;
+    }
     buffers.push_back(data);
     mem_t chosen = memory(a.chosen, data);
     conv_args.push_back({a.id, chosen});
