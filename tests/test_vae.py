@@ -25,11 +25,14 @@ from mindone_lumina.io.diffusers_io import WEIGHTS_NAME
 from mindone_lumina.models import vae
 
 FP32_BUDGET, FP16_BUDGET = BUDGETS["fp32"]["vae"], BUDGETS["fp16"]["vae"]
-# Tiled decode of a 24x24 latent in 12-latent tiles (overlap 0.25, a 3x3 grid) vs one untiled decode, two-level
-# config: mean abs difference measured 0.263 on outputs of mean magnitude 0.75; diffusers' own tiled_decode with the
-# same tile size measured 0.427. Random weights make the mid-block attention and the per-tile GroupNorm statistics far
-# more non-local than a trained VAE, hence the size. Bound: 0.35 (1.33x margin), and no worse than diffusers.
-TILED_BUDGET = 0.35
+# Tiled decode of a 24x24 latent in tiles of at most 12 (overlap 0.25: a 3x3 grid of 10-latent tiles) vs one untiled
+# decode, two-level config: mean abs difference measured 0.434 on outputs of mean magnitude 0.75; diffusers' own
+# tiled_decode with the same tile size measured 0.427. Random weights make the mid-block attention and the per-tile
+# GroupNorm statistics far more non-local than a trained VAE, hence the size. Of five latent/tile sizes
+# (`benchmarks/probe_tiling.py`) this is the one where the project's shorter tiles come out behind diffusers' (by
+# 1.6%); in the other four they are 2-14% closer to the untiled decode. Bounds: 0.5 (1.15x margin) and within 5% of
+# diffusers.
+TILED_BUDGET = 0.5
 
 CONFIGS = {
     # SDXL layout shrunk: 32 groups, two resnets per level, quant convs, no shift
@@ -142,7 +145,8 @@ def test_tiled_decode_close_to_untiled(ref, ms_vae):
     full = ms_vae.decode(Tensor(z)).asnumpy()
     tiled = ms_vae.decode(Tensor(z), vae.Tiling(tile=12, overlap=0.25)).asnumpy()
     one_tile = ms_vae.decode(Tensor(z), vae.Tiling(tile=24)).asnumpy()
-    first = ms_vae.decode(Tensor(z[:, :, :12, :12])).asnumpy()
+    length, starts = vae._tile_layout(24, vae.Tiling(tile=12))
+    first = ms_vae.decode(Tensor(z[:, :, :length, :length])).asnumpy()
     ms.set_context(mode=previous)
     model = ref["torch"]
     model.enable_tiling()
@@ -156,23 +160,32 @@ def test_tiled_decode_close_to_untiled(ref, ms_vae):
     print(f"tiled vs untiled mean abs diff: ours {mean_abs:.4f}, diffusers tiled_decode {torch_mean_abs:.4f}")
     assert tiled.shape == full.shape == (1, 3, 48, 48)
     assert mean_abs <= TILED_BUDGET
-    assert mean_abs <= torch_mean_abs
+    assert mean_abs <= 1.05 * torch_mean_abs
     assert np.array_equal(one_tile, full)  # a tile as large as the latent is the untiled decode
-    unblended = vae._tile_starts(24, 12, 0.25)[1] * 2  # image pixels the first tile shares with no neighbour
+    unblended = starts[1] * 2  # image pixels only the first tile covers
     assert np.abs(tiled[:, :, :unblended, :unblended] - first[:, :, :unblended, :unblended]).max() <= 1e-6
 
 
-@pytest.mark.parametrize("size,tile,overlap", [(40, 16, 0.25), (128, 64, 0.25), (256, 64, 0.25), (70, 32, 0.25)])
+@pytest.mark.parametrize("size,tile,overlap", [(40, 16, 0.25), (128, 64, 0.25), (256, 64, 0.25), (70, 32, 0.25),
+                                               (65, 64, 0.5), (129, 64, 0.0), (64, 64, 0.25)])  # fmt: skip
 def test_tiles_cover_and_blend_to_one(size, tile, overlap):
-    starts = vae._tile_starts(size, tile, overlap)
-    f = 8
-    assert starts[0] == 0 and starts[-1] == size - tile
-    assert all(b - a <= tile - round(tile * overlap) for a, b in zip(starts, starts[1:]))
+    length, starts = vae._tile_layout(size, vae.Tiling(tile, overlap))
+    shared, f = round(tile * overlap), 8
+    assert length <= tile and starts[0] == 0 and starts[-1] + length == size
+    assert all(b - a <= length - shared for a, b in zip(starts, starts[1:]))  # at least `shared` pixels overlap
+    fewer = len(starts) - 1  # one tile fewer, each of the largest length, cannot cover with that overlap
+    assert fewer == 0 or fewer * tile - (fewer - 1) * shared < size
     total = np.zeros(size * f)
-    for s, w in zip(starts, vae._blend_weights(starts, tile, f)):
+    for s, w in zip(starts, vae._blend_weights(starts, length, f)):
         assert w.min() > 0
-        total[s * f : (s + tile) * f] += w
+        total[s * f : (s + length) * f] += w
     assert np.abs(total - 1).max() < 1e-5  # neighbours' linear weights sum to one: no normalisation artefacts
+
+
+def test_sdxl_tiling_decodes_no_more_than_diffusers_ragged_tiles():
+    """A 1024² SDXL image (128² latent, tile 64, overlap 0.25): 3 x 3 tiles of 54², 162² latent pixels decoded;
+    diffusers' tiles at stride 48 (64, 64, 32 a side) decode 160²."""
+    assert vae._tile_layout(128, vae.Tiling()) == (54, [0, 37, 74])
 
 
 # ------------------------------------------------------------------------------------------------------------------

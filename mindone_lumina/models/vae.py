@@ -77,7 +77,8 @@ PRESETS = {
 
 @dataclass(frozen=True)
 class Tiling:
-    """Tiled decoding: square tiles of ``tile`` latent pixels; neighbours share at least ``overlap`` of a tile."""
+    """Tiled decoding: equal tiles of at most ``tile`` latent pixels a side; neighbours share at least
+    ``overlap * tile`` latent pixels, across which they are blended linearly."""
 
     tile: int = 64
     overlap: float = 0.25
@@ -369,8 +370,7 @@ class AutoencoderKL(nn.Cell):
         output image."""
         b, _, h, w = z.shape
         f = self.cfg.downsample_factor
-        th, tw = min(tiling.tile, h), min(tiling.tile, w)
-        rows, cols = _tile_starts(h, th, tiling.overlap), _tile_starts(w, tw, tiling.overlap)
+        (th, rows), (tw, cols) = _tile_layout(h, tiling), _tile_layout(w, tiling)
         row_w, col_w = _blend_weights(rows, th, f), _blend_weights(cols, tw, f)  # per tile, (th*f,) / (tw*f,)
         out = np.zeros((b, self.cfg.out_channels, h * f, w * f), np.float32)
         total = np.zeros((h * f, w * f), np.float32)
@@ -384,13 +384,18 @@ class AutoencoderKL(nn.Cell):
         return Tensor(out / total).astype(self.dtype)
 
 
-def _tile_starts(size: int, tile: int, overlap: float) -> list:
-    """Starts of equal tiles covering [0, size), spaced evenly with at least ``overlap * tile`` shared pixels."""
-    if size <= tile:
-        return [0]
-    stride = max(tile - round(tile * overlap), 1)
-    n = math.ceil((size - tile) / stride) + 1
-    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+def _tile_layout(size: int, tiling: Tiling) -> tuple:
+    """(tile length, starts) of the fewest equal tiles of at most ``tiling.tile`` that cover [0, size) with at least
+    ``round(tiling.tile * tiling.overlap)`` shared pixels between neighbours, each as short as that allows and spaced
+    evenly. Equal tiles compile one graph; shortening them decodes no more area than the overlap needs: a 128² latent
+    with tile 64 and overlap 0.25 decodes 3 x 3 tiles of 54² (162² in all; diffusers' ragged edge tiles, 160²)."""
+    if size <= tiling.tile:
+        return size, [0]
+    shared = min(round(tiling.tile * tiling.overlap), tiling.tile - 1)
+    n = math.ceil((size - shared) / (tiling.tile - shared))  # fewest tiles: n * tile - (n - 1) * shared >= size
+    tile = math.ceil((size + (n - 1) * shared) / n)
+    assert tile <= tiling.tile
+    return tile, [round(i * (size - tile) / (n - 1)) for i in range(n)]
 
 
 def _blend_weights(starts: list, tile: int, f: int) -> list:
@@ -400,11 +405,11 @@ def _blend_weights(starts: list, tile: int, f: int) -> list:
     for i, s in enumerate(starts):
         pos = np.arange(tile * f, dtype=np.float32) + 0.5  # pixel centres within the tile
         w = np.ones(tile * f, np.float32)
-        if i > 0:
-            rise = (starts[i - 1] + tile - s) * f  # pixels shared with the previous tile
+        rise = (starts[i - 1] + tile - s) * f if i > 0 else 0  # pixels shared with the previous tile
+        if rise > 0:
             w = np.minimum(w, pos / rise)
-        if i + 1 < len(starts):
-            fall = (s + tile - starts[i + 1]) * f
+        fall = (s + tile - starts[i + 1]) * f if i + 1 < len(starts) else 0  # ... and with the next one
+        if fall > 0:
             w = np.minimum(w, (tile * f - pos) / fall)
         weights.append(w)
     return weights
