@@ -189,7 +189,7 @@ _CHUNK_BYTES = 1 << 30  # bound on one fp32 score matrix of the portable attenti
 _MASKED_FP16 = -3e4  # the key-mask feature in fp16 (``_MASKED`` is -inf there); exp(-3e4 - max) is still 0
 
 
-def attention(q, k, v, key_mask, scale: float, fused: bool = False, attn_mask=None):
+def attention(q, k, v, key_mask, scale: float, fused: bool = False, attn_mask=None, compiled: bool = False):
     """Scaled dot-product attention with grouped kv heads.
 
     The portable path computes the scores in query chunks of at most ``_CHUNK_BYTES``: the self-attention of a 1024²
@@ -214,6 +214,8 @@ def attention(q, k, v, key_mask, scale: float, fused: bool = False, attn_mask=No
         fused: use Ascend ``flash_attention_score`` for fp16 and bf16 inputs (it takes no fp32: fp32 inputs keep the
             portable path, so an fp32 run computes in fp32 on every device).
         attn_mask: optional (B or 1, 1, L, S) bool, True = attend (e.g. a causal mask), combined with ``key_mask``.
+        compiled: the softmax on the project's CPU kernel (``compiled_kernels()``): one pass forward and one backward,
+            where MindSpore's gradient is four kernels and its last-axis ReduceSum ran at about 2 GB/s on scores.
 
     Returns:
         (B, L, N, D) in the dtype of ``q``.
@@ -241,17 +243,18 @@ def attention(q, k, v, key_mask, scale: float, fused: bool = False, attn_mask=No
     parts = []
     for i in range(0, seq_q, size):
         chunk_mask = None if attn_mask is None else attn_mask[:, :, i : i + size]
-        parts.append(_attend(q[:, :, i : i + size] if chunks > 1 else q, k, v, chunk_mask))
+        parts.append(_attend(q[:, :, i : i + size] if chunks > 1 else q, k, v, chunk_mask, compiled))
     out = parts[0] if chunks == 1 else mint.cat(parts, dim=2)  # (B, N, L, D)
     return ops.transpose(out, (0, 2, 1, 3))  # (B, L, N, D)
 
 
-def _attend(q, k, v, attn_mask):
+def _attend(q, k, v, attn_mask, compiled: bool):
     """softmax(q k) v of scaled (and mask-extended) queries (B, N, l, D') and keys (B, N, D', S) -> (B, N, l, D)."""
     scores = mint.matmul(q, k).astype(ms.float32)  # (B, N, l, S); softmax in fp32 as torch SDPA does
     if attn_mask is not None:
         scores = scores + (1.0 - attn_mask.astype(ms.float32)) * _MASKED  # (B|1, 1, l, S) broadcast
-    probs = mint.nn.functional.softmax(scores, dim=-1).astype(v.dtype)
+    probs = cpu_kernels.softmax(scores) if compiled else mint.nn.functional.softmax(scores, dim=-1)
+    probs = probs.astype(v.dtype)
     return mint.matmul(probs, v)
 
 

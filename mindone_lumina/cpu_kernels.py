@@ -1,11 +1,13 @@
-"""CPU kernels the project compiles itself: MindSpore AOT custom ops for the VAE's convolution and GroupNorm.
+"""CPU kernels the project compiles itself: MindSpore AOT custom ops for the VAE's convolution and GroupNorm and the
+attention's softmax.
 
 MindSpore 2.10's CPU ``Conv2D`` hands oneDNN plain NCHW/OIHW memory, which on an AVX-512 processor sends a 3x3 conv to
 oneDNN's reference kernel (backend.py, "Convolution"), and its CPU ``GroupNorm`` with ``GroupNormGrad`` took 18x
 torch's time (a VAE training shape, benchmarks/README). ``csrc/onednn_conv.cc`` calls the same oneDNN (MindSpore's
 own ``libdnnl.so.3``) through its C API with the layouts left to oneDNN, as torch does, for the forward pass and both
-gradients; ``csrc/group_norm.cc`` is a plain GroupNorm and its gradient; both run on one threadpool
-(``csrc/threadpool.h``).
+gradients; ``csrc/group_norm.cc`` is a plain GroupNorm and its gradient; ``csrc/softmax.cc`` a last-axis softmax and
+its gradient, one pass each (MindSpore's gradient is four kernels, its last-axis ReduceSum slow on attention scores);
+all run on one threadpool (``csrc/threadpool.h``).
 
 The sources are compiled at first use with the system's C++ compiler (``$CXX`` or ``g++``) into a cache folder
 (``$MINDONE_LUMINA_CACHE``, else ``$XDG_CACHE_HOME/mindone_lumina``, else ``~/.cache/mindone_lumina``), under a name
@@ -25,7 +27,7 @@ import mindspore as ms
 from mindspore import mint, ops
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("onednn_conv.cc", "group_norm.cc")
+_SOURCES = ("onednn_conv.cc", "group_norm.cc", "softmax.cc")
 _HEADERS = ("threadpool.h",)
 _ops = {}  # name -> ops.Custom, filled by ``available()``
 
@@ -95,7 +97,13 @@ def available() -> bool:
         dx, dw, db = norm_backward(dout[0], x, w, out[1], out[2], conf)
         return dx, dw, db, ops.zeros_like(conf)
 
+    softmax_backward = _custom(library, "SoftmaxBackward", lambda dy, y: y)
+
+    def softmax_bprop(x, out, dout):
+        return (softmax_backward(dout, out),)
+
     _ops["conv"] = _custom(library, "ConvForward", _conv_shape, bprop=conv_bprop)
+    _ops["softmax"] = _custom(library, "SoftmaxForward", lambda x: x, bprop=softmax_bprop)
     stats = lambda x, w, b, conf: (x, (x[0], conf[0]), (x[0], conf[0]))  # noqa: E731
     _ops["group_norm"] = _custom(library, "GroupNormForward", stats, outputs=3, bprop=norm_bprop)
     return True
@@ -117,3 +125,8 @@ def group_norm(x, groups: int, weight, bias, eps: float):
     returned True. The op reads the group count from the shape of its (groups,) conf tensor, eps from its value."""
     conf = mint.ones((groups,), dtype=ms.float32) * eps  # mint.full has no CPU kernel
     return _ops["group_norm"](x, weight, bias, conf)[0]
+
+
+def softmax(x):
+    """Softmax over the last axis of a float32 tensor of any rank; ``available()`` must have returned True."""
+    return _ops["softmax"](x)

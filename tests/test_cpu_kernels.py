@@ -1,5 +1,5 @@
-"""The compiled CPU kernels (``cpu_kernels.py``: oneDNN convolution and GroupNorm as AOT custom ops) against torch:
-values and both gradients, in graph mode and PyNative, and the build's cache and fallback."""
+"""The compiled CPU kernels (``cpu_kernels.py``: oneDNN convolution, GroupNorm and softmax as AOT custom ops) against
+torch: values and gradients, in graph mode and PyNative, and the build's cache and fallback."""
 
 import os
 import subprocess
@@ -62,6 +62,7 @@ def run_both(f, inputs, cotangent, mode):
     tensors = [Tensor(a) for a in inputs]
     value = f(*tensors).asnumpy()
     grads = ms.grad(Loss(f, cotangent), grad_position=tuple(range(len(inputs))))(*tensors)
+    grads = grads if isinstance(grads, tuple) else (grads,)  # one input: the gradient itself
     return value, [g.asnumpy() for g in grads]
 
 
@@ -121,6 +122,68 @@ def test_group_norm_matches_torch(case, mode):
     assert rel_err(value, ref) < 1e-6
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r) < 1e-5
+
+
+class Softmax(nn.Cell):
+    def construct(self, x):
+        return cpu_kernels.softmax(x)
+
+
+SOFTMAXES = [  # (shape, scale of the scores, masked columns)
+    ((2, 3, 5, 17), 1.0, 0),  # rows shorter than the kernel's 16 lanes plus a tail
+    ((1, 2, 4, 300), 8.0, 37),  # large scores; the last keys masked with the attention's -1e30
+    ((7,), 30.0, 0),
+    ((3, 40), 1.0, 40),  # every key masked: uniform, as torch's softmax of equal scores
+]
+
+
+@pytest.mark.parametrize("case", SOFTMAXES, ids=[f"softmax{i}" for i in range(len(SOFTMAXES))])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_softmax_matches_torch(case, mode):
+    shape, scale, masked = case
+    rng = np.random.default_rng(len(shape) + masked)
+    x = (rng.standard_normal(shape) * scale).astype(np.float32)
+    if masked:
+        x[..., -masked:] = backend._MASKED
+    cotangent = rng.standard_normal(shape, np.float32)
+    ref, (ref_grad,) = torch_both(lambda a: torch.softmax(a, -1), [x], cotangent)
+    value, (grad,) = run_both(Softmax(), [x], cotangent, mode)
+    assert rel_err(value, ref) < 1e-6
+    assert rel_err(grad, ref_grad) < 1e-6
+    if masked and masked < shape[-1]:
+        assert not value[..., -masked:].any()  # exactly 0, as torch's -inf mask gives
+
+
+class Attention(nn.Cell):
+    def __init__(self, key_mask, compiled: bool):
+        super().__init__()
+        self.key_mask, self.compiled_kernel = Tensor(key_mask), compiled
+
+    def construct(self, q, k, v):
+        return backend.attention(q, k, v, self.key_mask, 0.25, compiled=self.compiled_kernel)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_attention_on_the_compiled_softmax_matches_torch(mode):
+    """backend.attention with a key mask and grouped kv heads, on both softmax paths, against torch's SDPA."""
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, n, heads, 16), np.float32) for n, heads in ((9, 4), (11, 2), (11, 2)))
+    key_mask = np.ones((2, 11), bool)
+    key_mask[1, 6:] = False
+    cotangent = rng.standard_normal((2, 9, 4, 16), np.float32)
+
+    def sdpa(q, k, v):  # (B, L, N, D) in and out, kv heads repeated, the mask as the project's
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        mask = torch.tensor(key_mask)[:, None, None, :]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, scale=0.25).transpose(1, 2)
+
+    ref, ref_grads = torch_both(sdpa, [q, k, v], cotangent)
+    for compiled in (True, False):
+        value, grads = run_both(Attention(key_mask, compiled), [q, k, v], cotangent, mode)
+        assert rel_err(value, ref) < 1e-6, compiled
+        for g, r in zip(grads, ref_grads):
+            assert rel_err(g, r) < 1e-5, compiled
 
 
 def fresh(code: str, **env) -> subprocess.CompletedProcess:

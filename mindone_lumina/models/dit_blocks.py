@@ -170,7 +170,7 @@ class Attention(nn.Cell):
             if self.separate:
                 self.qy_norm = LayerNorm(d)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.fused = backend.use_fused_kernels()
+        self.fused, self.compiled_kernel = backend.use_fused_kernels(), backend.compiled_kernels()
 
     def construct(self, x, cos, sin, gain, y, y_mask, merge_index=None, merge_weight=None):
         """``merge_index``/``merge_weight``: Context Drop's pooling tables (``context_drop.merge_tables``); None
@@ -190,14 +190,15 @@ class Attention(nn.Cell):
             xv = self.wv(context_drop.pool_tokens(x, merge_index, merge_weight))  # (B, S, Nkv*D)
             xv = xv.reshape(b, -1, self.n_kv_heads, self.head_dim)  # (B, S, Nkv, D)
         # proportional attention multiplies the self-attention softmax scale only; the cross branch keeps 1/sqrt(D)
-        out = backend.attention(xq * gain.astype(xq.dtype), xk, xv, None, self.scale, self.fused)  # (B, L, N, D)
+        fused, compiled = self.fused, self.compiled_kernel
+        out = backend.attention(xq * gain.astype(xq.dtype), xk, xv, None, self.scale, fused, compiled=compiled)
         if self.separate:  # the cross-attention's own query, normed and rotated as the shared one
             xq = self.wq_y(x)
             xq = self.qy_norm(xq) if self.qk_norm else xq
             xq = backend.apply_rope(xq.reshape(b, seq, self.n_heads, self.head_dim), cos, sin, self.fused)
         yk = yk.reshape(b, -1, self.n_kv_heads, self.head_dim)  # (B, Lc, Nkv, D)
         yv = self.wv_y(y).reshape(b, -1, self.n_kv_heads, self.head_dim)
-        out_y = backend.attention(xq, yk, yv, y_mask, self.scale, self.fused)  # (B, L, N, D)
+        out_y = backend.attention(xq, yk, yv, y_mask, self.scale, fused, compiled=compiled)  # (B, L, N, D)
         out = out + out_y * mint.tanh(self.gate).reshape(1, 1, -1, 1)
         return self.wo(out.reshape(b, seq, -1))  # (B, L, dim)
 

@@ -159,7 +159,7 @@ class Attention2D(nn.Cell):
         self.to_v = linear(channels, channels)
         self.to_out = nn.CellList([linear(channels, channels)])  # diffusers' to_out.1 is a dropout
         self.scale = 1.0 / math.sqrt(channels)
-        self.fused = backend.use_fused_kernels()
+        self.fused, self.compiled_kernel = backend.use_fused_kernels(), backend.compiled_kernels()
 
     def construct(self, x):
         b, c, h, w = x.shape
@@ -167,7 +167,8 @@ class Attention2D(nn.Cell):
         q = self.to_q(t).reshape(b, h * w, 1, c)  # (B, HW, 1, C)
         k = self.to_k(t).reshape(b, h * w, 1, c)
         v = self.to_v(t).reshape(b, h * w, 1, c)
-        out = backend.attention(q, k, v, None, self.scale, self.fused).reshape(b, h * w, c)  # (B, HW, C)
+        out = backend.attention(q, k, v, None, self.scale, self.fused, compiled=self.compiled_kernel)  # (B, HW, 1, C)
+        out = out.reshape(b, h * w, c)  # (B, HW, C)
         out = mint.permute(self.to_out[0](out), (0, 2, 1)).reshape(b, c, h, w)  # (B, C, H, W)
         return x + out
 

@@ -114,14 +114,14 @@ class DecoderAttention(nn.Cell):
         self.v_proj = linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
-        self.fused = backend.use_fused_kernels()
+        self.fused, self.compiled_kernel = backend.use_fused_kernels(), backend.compiled_kernels()
 
     def construct(self, x, cos, sin, key_mask, causal):
         b, seq, _ = x.shape
         q = _rotate(self.q_proj(x).reshape(b, seq, self.n_heads, self.head_dim), cos, sin)  # (B, L, N, D)
         k = _rotate(self.k_proj(x).reshape(b, seq, self.n_kv_heads, self.head_dim), cos, sin)  # (B, L, Nkv, D)
         v = self.v_proj(x).reshape(b, seq, self.n_kv_heads, self.head_dim)
-        out = backend.attention(q, k, v, key_mask, self.scale, self.fused, attn_mask=causal)  # (B, L, N, D)
+        out = backend.attention(q, k, v, key_mask, self.scale, self.fused, causal, self.compiled_kernel)  # (B, L, N, D)
         return self.o_proj(out.reshape(b, seq, -1))  # (B, L, hidden)
 
 
