@@ -3,9 +3,9 @@
     python benchmarks/bench_nextdit.py [--tokens 256 1024 4096] [--repeats 5]
 
 fp32, hidden 768 / 12 layers / 12 heads / 4 kv heads, batch 1, 128-token caption. Reports the median of ``repeats``
-timed calls after one warm-up call (graph compile time separately), achieved GFLOP/s and its share of a fp32 matmul
-peak measured in the same run for each framework, the MindSpore / PyTorch time ratio and each framework's peak RSS
-(every framework and mode runs in its own process).
+timed calls after ``workers.WARMUP`` calls (the first call, graph compilation included, separately; why so many:
+workers.py), achieved GFLOP/s and its share of a fp32 matmul peak measured in the same run for each framework, the
+MindSpore / PyTorch time ratio and each framework's peak RSS (every framework and mode runs in its own process).
 """
 
 import argparse
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from diffusers import LuminaNextDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
-from workers import worker_env
+from workers import WARMUP, worker_env
 
 import mindspore as ms
 from mindspore import Tensor, mint
@@ -49,6 +49,8 @@ def timed(fn, repeats):
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
+    for _ in range(WARMUP - 1):
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -10,8 +10,8 @@ Project: ``training.Trainer.step`` in MindSpore graph mode (velocity loss, backw
 ``lerp_``. ``--model bench``: hidden 384 / 6 layers / 6 heads / 2 kv heads, patch 2, learned sigma, 4 latent
 channels, 128-token captions of width 256; ``--model default``: the bundled default model's shape (hidden 128 / 5
 layers / 4 heads / 2 kv heads, patch 1, 16-token captions of width 64). Each
-framework runs in its own process (peak RSS is its own); median of ``repeats`` steps after two warm-up steps (the
-first includes compilation, reported separately). The first step's loss is compared as a sanity check.
+framework runs in its own process (peak RSS is its own); median of ``repeats`` steps after ``workers.WARMUP`` calls
+(the first includes compilation, reported separately). The first step's loss is compared as a sanity check.
 
 ``--lora R``: full fine-tuning against a rank-R LoRA (``models.lora``, attention + feed-forward, alpha = R) of the
 same model and batch, fp32, in both frameworks (the reference: peft 0.21.2 on the diffusers model, AdamW over the
@@ -28,7 +28,7 @@ import sys
 import time
 
 import numpy as np
-from workers import worker_env
+from workers import WARMUP, worker_env
 
 MODELS = {  # name -> (Next-DiT config, caption tokens)
     "bench": ({"dim": 384, "n_layers": 6, "n_heads": 6, "n_kv_heads": 2, "qk_norm": True, "cap_feat_dim": 256,
@@ -141,12 +141,13 @@ def torch_step(size: int, tokens: int, rank: int = 0):
 
 
 def time_steps(step, repeats: int) -> dict:
-    """First call (compile included), then the median of ``repeats`` calls after one more warm-up; the first call's
-    loss and this process's peak RSS."""
+    """First call (compile included), then the median of ``repeats`` calls after ``WARMUP`` calls in all
+    (``workers.py``: why); the first call's loss and this process's peak RSS."""
     t0 = time.perf_counter()
     loss0 = step()
     first = time.perf_counter() - t0
-    step()
+    for _ in range(WARMUP - 1):
+        step()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -6,8 +6,8 @@ Project: ``training.Trainer.step`` on ``training.vae.VAELoss`` in MindSpore grap
 decode, MSE + KL, backward, global-norm clipping, ``nn.AdamWeightDecay``, EMA; one compiled graph), fp32. Reference:
 diffusers 0.35.2 ``AutoencoderKL`` in PyTorch eager, the same loss, ``clip_grad_norm_``, ``torch.optim.AdamW`` and an
 EMA ``lerp_``. The VAE, resolution, learning rate, clipping and EMA are the recipe's. Each framework runs in its own
-process (peak RSS is its own); median of ``repeats`` steps after two warm-up steps (the first includes compilation,
-reported separately). The first step's loss is compared as a sanity check.
+process (peak RSS is its own); median of ``repeats`` steps after ``workers.WARMUP`` calls (the first includes
+compilation, reported separately). The first step's loss is compared as a sanity check.
 """
 
 import argparse

@@ -4,11 +4,11 @@
     python benchmarks/profile_ops.py --vae [--batch 16]      # the VAE step of bench_vae_train.py (shipped recipe)
 
 The step is ``bench_train.py``'s (``training.Trainer.step`` in graph mode, same model, batch and weights) or, with
-``--vae``, ``bench_vae_train.py``'s (``configs/shapes-vae.yaml``, batch 16 unless ``--batch`` is given). Two
-warm-up steps, then ``--steps`` profiled ones; the table gives per step each op type's kernel count, milliseconds and
-share of the summed kernel time, and the total kernel count. Kernel times of tiny ops are inflated by the profiler
-(a ReduceSum of 384 floats reads 0.65 ms in the profile and 0.01 ms in a graph of its own), so read the table for
-where the time goes and the wall-clock benchmarks for how much.
+``--vae``, ``bench_vae_train.py``'s (``configs/shapes-vae.yaml``, batch 16 unless ``--batch`` is given).
+``workers.WARMUP`` warm-up steps, then ``--steps`` profiled ones; the table gives per step each op type's kernel
+count, milliseconds and share of the summed kernel time, and the total kernel count. Kernel times of tiny ops are
+inflated by the profiler (a ReduceSum of 384 floats reads 0.65 ms in the profile and 0.01 ms in a graph of its own),
+so read the table for where the time goes and the wall-clock benchmarks for how much.
 """
 
 import argparse
@@ -20,6 +20,7 @@ import tempfile
 
 import bench_train
 import bench_vae_train
+from workers import WARMUP
 
 
 def top_ops(folder: str, steps: int, count: int = 10) -> tuple:
@@ -40,7 +41,7 @@ def main():
     p.add_argument("--vae", action="store_true", help="profile the VAE training step instead (default: Next-DiT)")
     p.add_argument("--batch", type=int, default=None, help="(default: 4; with --vae 16)")
     p.add_argument("--tokens", type=int, default=256, help="image tokens per sample (default: 256)")
-    p.add_argument("--steps", type=int, default=3, help="profiled steps after two warm-up steps (default: 3)")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps after the warm-up steps (default: 3)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="(default: fp32)")
     args = p.parse_args()
     args.batch = args.batch or (16 if args.vae else 4)
@@ -56,8 +57,8 @@ def main():
         bench_train.CONFIG, bench_train.CAPTION = bench_train.MODELS[args.model]
         step = bench_train.project_step(args.precision, args.batch, args.tokens)
         what = f"{args.model} model, batch {args.batch} x {args.tokens} tokens, {args.precision}"
-    step()
-    step()
+    for _ in range(WARMUP):
+        step()
     with tempfile.TemporaryDirectory() as out:
         profiler = ms.Profiler(output_path=out)
         for _ in range(args.steps):

@@ -1,4 +1,4 @@
-"""The environment of a benchmark's worker processes.
+"""The environment of a benchmark's worker processes, and how many calls they make before timing.
 
 ``import mindspore`` sets ``OMP_NUM_THREADS`` (to 1 on a 2-core machine: MindSpore's ``SetOMPThreadNum`` takes half the
 cores divided by 4, at least 1) with C ``setenv``. Python's ``os.environ`` does not see that, but a child started with
@@ -12,3 +12,9 @@ import os
 
 def worker_env(**extra: str) -> dict:
     return {**os.environ, **extra}
+
+
+# A MindSpore graph runs its first four or five calls 15-25% slower than the rest (the bench_train.py step 0.50-0.55 s,
+# then 0.40-0.43 s; the 256-token forward of bench_nextdit.py 0.22 s, then 0.19 s); PyTorch is steady from its third.
+# Training and sampling run one graph hundreds of times, so every framework is timed after this many calls.
+WARMUP = 6
