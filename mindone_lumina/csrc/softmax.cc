@@ -6,10 +6,11 @@
 //
 // Float32, contiguous, any rank >= 1; the softmax runs over the last axis.
 // Forward: x -> y. Backward: dy, y -> dx = y * (dy - sum(dy * y)).
-// exp is a Cephes-style range reduction (x = n ln2 + r, |r| <= ln2 / 2) with a degree-6 polynomial, within 2 ulp of
-// expf over the range a softmax sees (x - max <= 0); below -87.3 it returns 0, as expf underflows, so that the
-// attention's -1e30 mask gives exactly 0. The loops are plain float code the compiler vectorises; target_clones
-// builds them for AVX-512, AVX2 and the baseline, chosen at load time.
+// exp is a Cephes-style range reduction (x = n ln2 + r, |r| <= ln2 / 2) with a degree-6 polynomial: within 1 ulp of
+// the correctly rounded exp on every float of [-87, 0], the range a softmax sees (x - max <= 0; checked against
+// double exp). Below -87 it returns 0 (exp is under 1.7e-38 there), so that the attention's -1e30 mask gives exactly
+// 0. The loops are plain float code the compiler vectorises; target_clones builds them for AVX-512, AVX2 and the
+// baseline, chosen at load time.
 
 #include <algorithm>
 #include <cstdint>
