@@ -121,11 +121,12 @@ def _mean_last(x):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def rms_norm(x, weight, eps: float, fused: bool = False):
-    """LLaMA RMSNorm as the Lumina reference: normalise in fp32, cast back, then multiply by the weight."""
+def rms_norm(x, weight, eps: float, fused: bool = False, compiled: bool = False):
+    """LLaMA RMSNorm as the Lumina reference: normalise in fp32, cast back, then multiply by the weight. ``compiled``:
+    the normalisation on the project's CPU kernel (``compiled_kernels()``), one pass each way."""
     if fused:
         return fused_rms_norm(x, weight, eps)
-    return _rms_normalise(x, eps).astype(x.dtype) * spread_features(weight, x)
+    return _rms_normalise(x, eps, compiled).astype(x.dtype) * spread_features(weight, x)
 
 
 def fused_rms_norm(x, weight, eps: float, kernel=None):
@@ -135,20 +136,25 @@ def fused_rms_norm(x, weight, eps: float, kernel=None):
     return kernel(x, weight, eps)[0]
 
 
-def rms_norm_offset(x, weight, eps: float):
+def rms_norm_offset(x, weight, eps: float, compiled: bool = False):
     """Gemma's RMSNorm: ``x * rsqrt(mean(x^2) + eps) * (1 + w)``, all in fp32, cast to the input dtype at the end."""
-    return (_rms_normalise(x, eps) * (1.0 + weight.astype(ms.float32))).astype(x.dtype)
+    return (_rms_normalise(x, eps, compiled) * (1.0 + weight.astype(ms.float32))).astype(x.dtype)
 
 
-def _rms_normalise(x, eps: float):
+def _rms_normalise(x, eps: float, compiled: bool):
     x32 = x.astype(ms.float32)
+    if compiled:
+        return cpu_kernels.row_norm(x32, eps, centred=False)
     return x32 * ops.rsqrt(_mean_last(x32 * x32) + eps)
 
 
-def layer_norm(x, weight, bias, eps: float, fused: bool = False):
-    """LayerNorm over the last axis, statistics in fp32 (``weight``/``bias`` may be None)."""
+def layer_norm(x, weight, bias, eps: float, fused: bool = False, compiled: bool = False):
+    """LayerNorm over the last axis, statistics in fp32 (``weight``/``bias`` may be None). ``compiled``: the
+    normalisation on the project's CPU kernel, as ``rms_norm``."""
     if fused:
         y = mint.nn.functional.layer_norm(x.astype(ms.float32), (x.shape[-1],), None, None, eps)
+    elif compiled:
+        y = cpu_kernels.row_norm(x.astype(ms.float32), eps, centred=True)
     else:
         x32 = x.astype(ms.float32)
         centred = x32 - _mean_last(x32)

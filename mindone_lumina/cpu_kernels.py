@@ -1,5 +1,5 @@
-"""CPU kernels the project compiles itself: MindSpore AOT custom ops for the VAE's convolution and GroupNorm and the
-attention's softmax.
+"""CPU kernels the project compiles itself: MindSpore AOT custom ops for the VAE's convolution and GroupNorm, the
+attention's softmax and the RMSNorm / LayerNorm normalisation.
 
 MindSpore 2.10's CPU ``Conv2D`` hands oneDNN plain NCHW/OIHW memory, which on an AVX-512 processor sends a 3x3 conv to
 oneDNN's reference kernel (backend.py, "Convolution"), and its CPU ``GroupNorm`` with ``GroupNormGrad`` took 18x
@@ -7,7 +7,8 @@ torch's time (a VAE training shape, benchmarks/README). ``csrc/onednn_conv.cc`` 
 own ``libdnnl.so.3``) through its C API with the layouts left to oneDNN, as torch does, for the forward pass and both
 gradients; ``csrc/group_norm.cc`` is a plain GroupNorm and its gradient; ``csrc/softmax.cc`` a last-axis softmax and
 its gradient, one pass each (MindSpore's gradient is four kernels, its last-axis ReduceSum slow on attention scores);
-all run on one threadpool (``csrc/threadpool.h``).
+``csrc/row_norm.cc`` the normalisation of RMSNorm and LayerNorm and its gradient, one pass each where the portable
+path is six kernels forward and a dozen backward; all run on one threadpool (``csrc/threadpool.h``).
 
 The sources are compiled at first use with the system's C++ compiler (``$CXX`` or ``g++``) into a cache folder
 (``$MINDONE_LUMINA_CACHE``, else ``$XDG_CACHE_HOME/mindone_lumina``, else ``~/.cache/mindone_lumina``), under a name
@@ -27,7 +28,7 @@ import mindspore as ms
 from mindspore import mint, ops
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("onednn_conv.cc", "group_norm.cc", "softmax.cc")
+_SOURCES = ("onednn_conv.cc", "group_norm.cc", "softmax.cc", "row_norm.cc")
 _HEADERS = ("threadpool.h",)
 _ops = {}  # name -> ops.Custom, filled by ``available()``
 
@@ -78,6 +79,13 @@ def _custom(library: Path, name: str, out_shape, outputs: int = 1, bprop=None):
     return ops.Custom(f"{library}:{name}", out_shape=out_shape, out_dtype=dtype, func_type="aot", bprop=bprop)
 
 
+def _row_norm_bprop(backward):
+    def bprop(x, conf, out, dout):  # out: (y, rstd); nothing downstream reads rstd
+        return backward(dout[0], out[0], out[1], conf), ops.zeros_like(conf)
+
+    return bprop
+
+
 @functools.cache
 def available() -> bool:
     """Whether the custom ops are built and loaded (decided once per process; they are CPU kernels)."""
@@ -102,6 +110,9 @@ def available() -> bool:
     def softmax_bprop(x, out, dout):
         return (softmax_backward(dout, out),)
 
+    for kind in ("RmsNorm", "LayerNorm"):
+        backward = _custom(library, f"{kind}Backward", lambda dy, y, rstd, conf: y)
+        _ops[kind] = _custom(library, f"{kind}Forward", lambda x, conf: (x, x[:-1]), 2, _row_norm_bprop(backward))
     _ops["conv"] = _custom(library, "ConvForward", _conv_shape, bprop=conv_bprop)
     _ops["softmax"] = _custom(library, "SoftmaxForward", lambda x: x, bprop=softmax_bprop)
     stats = lambda x, w, b, conf: (x, (x[0], conf[0]), (x[0], conf[0]))  # noqa: E731
@@ -130,3 +141,10 @@ def group_norm(x, groups: int, weight, bias, eps: float):
 def softmax(x):
     """Softmax over the last axis of a float32 tensor of any rank; ``available()`` must have returned True."""
     return _ops["softmax"](x)
+
+
+def row_norm(x, eps: float, centred: bool):
+    """The normalisation of float32 x over its last axis: LayerNorm's ``(x - mean) / sqrt(var + eps)`` when ``centred``,
+    else RMSNorm's ``x / sqrt(mean(x^2) + eps)``; no affine. ``available()`` must have returned True."""
+    conf = mint.ones((1,), dtype=ms.float32) * eps  # the op reads eps from this tensor's value
+    return _ops["LayerNorm" if centred else "RmsNorm"](x, conf)[0]

@@ -1,5 +1,6 @@
-"""The compiled CPU kernels (``cpu_kernels.py``: oneDNN convolution, GroupNorm and softmax as AOT custom ops) against
-torch: values and gradients, in graph mode and PyNative, and the build's cache and fallback."""
+"""The compiled CPU kernels (``cpu_kernels.py``: oneDNN convolution, GroupNorm, softmax and the RMSNorm / LayerNorm
+normalisation as AOT custom ops) against torch: values and gradients, in graph mode and PyNative, and the build's cache
+and fallback."""
 
 import os
 import subprocess
@@ -181,6 +182,46 @@ def test_attention_on_the_compiled_softmax_matches_torch(mode):
     ref, ref_grads = torch_both(sdpa, [q, k, v], cotangent)
     for compiled in (True, False):
         value, grads = run_both(Attention(key_mask, compiled), [q, k, v], cotangent, mode)
+        assert rel_err(value, ref) < 1e-6, compiled
+        for g, r in zip(grads, ref_grads):
+            assert rel_err(g, r) < 1e-5, compiled
+
+
+class RowNorm(nn.Cell):
+    """backend's LayerNorm (with weight and bias) or LLaMA RMSNorm (with weight), on either normalisation path."""
+
+    def __init__(self, centred: bool, compiled: bool):
+        super().__init__()
+        self.centred, self.compiled_kernel = centred, compiled
+
+    def construct(self, x, weight, bias):
+        if self.centred:
+            return backend.layer_norm(x, weight, bias, 1e-5, compiled=self.compiled_kernel)
+        return backend.rms_norm(x, weight, 1e-6, compiled=self.compiled_kernel) + bias
+
+
+def torch_row_norm(centred: bool):
+    def norm(x, weight, bias):
+        if centred:
+            return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, 1e-5)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight + bias
+
+    return norm
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 24), (3, 7), (2, 2, 3, 130)], ids=["tokens", "rows", "wide"])
+@pytest.mark.parametrize("centred", [True, False], ids=["layer", "rms"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_row_norms_match_torch(shape, centred, mode):
+    """LayerNorm and RMSNorm on the compiled normalisation and on the portable ops, values and the gradients of x,
+    weight and bias."""
+    rng = np.random.default_rng(shape[-1])
+    x = (rng.standard_normal(shape, np.float32) * 2 + 0.5).astype(np.float32)
+    weight, bias = rng.standard_normal(shape[-1], np.float32), rng.standard_normal(shape[-1], np.float32)
+    cotangent = rng.standard_normal(shape, np.float32)
+    ref, ref_grads = torch_both(torch_row_norm(centred), [x, weight, bias], cotangent)
+    for compiled in (True, False):
+        value, grads = run_both(RowNorm(centred, compiled), [x, weight, bias], cotangent, mode)
         assert rel_err(value, ref) < 1e-6, compiled
         for g, r in zip(grads, ref_grads):
             assert rel_err(g, r) < 1e-5, compiled

@@ -30,15 +30,15 @@ class LayerNorm(nn.Cell):
         super().__init__()
         self.eps = eps
         self.affine = affine
-        self.fused = backend.use_fused_kernels()
+        self.fused, self.compiled_kernel = backend.use_fused_kernels(), backend.compiled_kernels()
         if affine:
             self.weight = Parameter(Tensor(np.ones(dim, np.float32)))
             self.bias = Parameter(Tensor(np.zeros(dim, np.float32)))
 
     def construct(self, x):
         if self.affine:
-            return backend.layer_norm(x, self.weight, self.bias, self.eps, self.fused)
-        return backend.layer_norm(x, None, None, self.eps, self.fused)
+            return backend.layer_norm(x, self.weight, self.bias, self.eps, self.fused, self.compiled_kernel)
+        return backend.layer_norm(x, None, None, self.eps, self.fused, self.compiled_kernel)
 
 
 class RMSNorm(nn.Cell):
@@ -49,12 +49,13 @@ class RMSNorm(nn.Cell):
         super().__init__()
         self.eps, self.offset = eps, offset
         self.fused = backend.use_fused_kernels() and not offset
+        self.compiled_kernel = backend.compiled_kernels()
         self.weight = Parameter(Tensor(np.full(dim, 0.0 if offset else 1.0, np.float32)))  # identity scale
 
     def construct(self, x):
         if self.offset:
-            return backend.rms_norm_offset(x, self.weight, self.eps)
-        return backend.rms_norm(x, self.weight, self.eps, self.fused)
+            return backend.rms_norm_offset(x, self.weight, self.eps, self.compiled_kernel)
+        return backend.rms_norm(x, self.weight, self.eps, self.fused, self.compiled_kernel)
 
 
 def cast_parameters(cell: nn.Cell, dtype) -> nn.Cell:
