@@ -29,7 +29,7 @@ from mindspore import mint, ops
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = ("onednn_conv.cc", "group_norm.cc", "softmax.cc", "row_norm.cc")
-_HEADERS = ("threadpool.h",)
+_HEADERS = ("threadpool.h", "rows.h")
 _ops = {}  # name -> ops.Custom, filled by ``available()``
 
 

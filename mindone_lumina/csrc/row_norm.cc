@@ -1,7 +1,8 @@
 // The normalisation of RMSNorm and LayerNorm over the last axis, and its gradient, as MindSpore AOT custom ops on CPU.
 // The portable path (backend.py) builds each norm from Square, two row-mean matmuls, Add, Rsqrt and Mul kernels, and
 // twice as many in the backward; a small model's training step is mostly such kernels (benchmarks/README). Here each
-// row is one pass forward and one backward, rows spread over threadpool.h. The affine weight and bias stay outside.
+// row is one pass forward and one backward, rows spread over threadpool.h (rows.h). The affine weight and bias stay
+// outside.
 //
 // Float32, contiguous, any rank >= 1; rows are the last axis. The last input is a float32 (1,) tensor holding eps.
 // Forward: x, conf -> y, rstd (rows). RMS: y = x * rstd, rstd = 1 / sqrt(mean(x^2) + eps).
@@ -10,12 +11,10 @@
 //           Layer: dx = rstd * (dy - mean(dy) - y * mean(dy * y)).
 // Row sums run in 16 double lanes (rows are short: a model width).
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <string>
 
-#include "threadpool.h"
+#include "rows.h"
 
 namespace {
 
@@ -34,41 +33,22 @@ double row_sum(int64_t n, F f) {
   return total;
 }
 
-bool rows_of(int nparam, int expected, int *ndims, int64_t **shapes, const char **dtypes, int64_t &rows,
-             int64_t &n) {
-  if (nparam != expected || ndims[0] < 1) return false;
-  for (int i = 0; i < nparam; ++i)
-    if (std::string(dtypes[i]) != "float32") return false;
-  n = shapes[0][ndims[0] - 1], rows = 1;
-  for (int d = 0; d + 1 < ndims[0]; ++d) rows *= shapes[0][d];
-  return n > 0;
-}
-
-// fn(row) for every row, in blocks of rows, about four blocks per thread
-template <typename F>
-void each_row(int64_t rows, F fn) {
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(rows, 4 * threadpool().get_num_threads()));
-  const int64_t block = (rows + tasks - 1) / tasks;
-  threadpool().parallel_for(static_cast<int>((rows + block - 1) / block), [&](int task, int) {
-    const int64_t end = std::min(rows, (task + 1) * block);
-    for (int64_t r = task * block; r < end; ++r) fn(r);
-  });
-}
-
 int forward(bool centred, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   int64_t rows, n;
   if (!rows_of(nparam, 4, ndims, shapes, dtypes, rows, n)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const double eps = static_cast<const float *>(params[1])[0];
   float *y = static_cast<float *>(params[2]), *rstd = static_cast<float *>(params[3]);
-  each_row(rows, [&](int64_t r) {
-    const float *xr = x + r * n;
-    float *yr = y + r * n;
-    const float mean = centred ? static_cast<float>(row_sum(n, [&](int64_t i) { return xr[i]; }) / n) : 0.0f;
-    const double square = row_sum(n, [&](int64_t i) { return double(xr[i] - mean) * (xr[i] - mean); }) / n;
-    const float s = static_cast<float>(1.0 / std::sqrt(square + eps));
-    rstd[r] = s;
-    for (int64_t i = 0; i < n; ++i) yr[i] = (xr[i] - mean) * s;
+  over_rows(rows, [&](int64_t first, int64_t end) {
+    for (int64_t r = first; r < end; ++r) {
+      const float *xr = x + r * n;
+      float *yr = y + r * n;
+      const float mean = centred ? static_cast<float>(row_sum(n, [&](int64_t i) { return xr[i]; }) / n) : 0.0f;
+      const double square = row_sum(n, [&](int64_t i) { return double(xr[i] - mean) * (xr[i] - mean); }) / n;
+      const float s = static_cast<float>(1.0 / std::sqrt(square + eps));
+      rstd[r] = s;
+      for (int64_t i = 0; i < n; ++i) yr[i] = (xr[i] - mean) * s;
+    }
   });
   return 0;
 }
@@ -79,13 +59,15 @@ int backward(bool centred, int nparam, void **params, int *ndims, int64_t **shap
   const float *dy = static_cast<const float *>(params[0]), *y = static_cast<const float *>(params[1]);
   const float *rstd = static_cast<const float *>(params[2]);
   float *dx = static_cast<float *>(params[4]);
-  each_row(rows, [&](int64_t r) {
-    const float *dyr = dy + r * n, *yr = y + r * n;
-    float *dxr = dx + r * n;
-    const float dy_mean = centred ? static_cast<float>(row_sum(n, [&](int64_t i) { return dyr[i]; }) / n) : 0.0f;
-    const float dot = static_cast<float>(row_sum(n, [&](int64_t i) { return double(dyr[i]) * yr[i]; }) / n);
-    const float s = rstd[r];
-    for (int64_t i = 0; i < n; ++i) dxr[i] = s * (dyr[i] - dy_mean - yr[i] * dot);
+  over_rows(rows, [&](int64_t first, int64_t end) {
+    for (int64_t r = first; r < end; ++r) {
+      const float *dyr = dy + r * n, *yr = y + r * n;
+      float *dxr = dx + r * n;
+      const float dy_mean = centred ? static_cast<float>(row_sum(n, [&](int64_t i) { return dyr[i]; }) / n) : 0.0f;
+      const float dot = static_cast<float>(row_sum(n, [&](int64_t i) { return double(dyr[i]) * yr[i]; }) / n);
+      const float s = rstd[r];
+      for (int64_t i = 0; i < n; ++i) dxr[i] = s * (dyr[i] - dy_mean - yr[i] * dot);
+    }
   });
   return 0;
 }

@@ -2,7 +2,7 @@
 // MindSpore 2.10 computes the softmax gradient as Mul, ReduceSum, Sub and Mul kernels, each a full pass over the
 // (B, N, L, S) scores, and its CPU ReduceSum over the last axis of that tensor ran at about 2 GB/s: 65 ms of the
 // 531 ms of kernels in a training step of the bench model (benchmarks/README). Here each row is one pass forward
-// (max, then exp and sum, then scale) and one backward, rows spread over threadpool.h.
+// (max, then exp and sum, then scale) and one backward, rows spread over threadpool.h (rows.h).
 //
 // Float32, contiguous, any rank >= 1; the softmax runs over the last axis.
 // Forward: x -> y. Backward: dy, y -> dx = y * (dy - sum(dy * y)).
@@ -12,12 +12,10 @@
 // 0. The loops are plain float code the compiler vectorises; target_clones builds them for AVX-512, AVX2 and the
 // baseline, chosen at load time.
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <string>
 
-#include "threadpool.h"
+#include "rows.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
@@ -85,28 +83,6 @@ CLONES void softmax_grad_row(const float *__restrict dy, const float *__restrict
   for (int k = 0; k < kLanes; ++k) total += lanes[k];
   const float dot = static_cast<float>(total);
   for (i = 0; i < n; ++i) dx[i] = y[i] * (dy[i] - dot);
-}
-
-// rows of length n: (number of rows, n), or false for a shape or dtype the kernel does not take
-bool rows_of(int nparam, int expected, int *ndims, int64_t **shapes, const char **dtypes, int64_t &rows,
-             int64_t &n) {
-  if (nparam != expected || ndims[0] < 1) return false;
-  for (int i = 0; i < nparam; ++i)
-    if (std::string(dtypes[i]) != "float32") return false;
-  n = shapes[0][ndims[0] - 1], rows = 1;
-  for (int d = 0; d + 1 < ndims[0]; ++d) rows *= shapes[0][d];
-  return n > 0;
-}
-
-// fn(first row, end row) over blocks of rows, about four blocks per thread
-template <typename F>
-void over_rows(int64_t rows, F fn) {
-  const int64_t tasks = std::min<int64_t>(rows, 4 * threadpool().get_num_threads());
-  const int64_t block = (rows + tasks - 1) / tasks;
-  threadpool().parallel_for(static_cast<int>((rows + block - 1) / block), [&](int task, int) {
-    const int64_t first = task * block;
-    fn(first, std::min(rows, first + block));
-  });
 }
 
 }  // namespace
