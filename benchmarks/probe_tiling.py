@@ -4,7 +4,7 @@
 
 A random two-level diffusers VAE (the "two-level" config of tests/test_vae.py: SDXL's layout shrunk, weights from
 ``parity.randomize_torch_``) decodes square random latents whole, in diffusers' ragged tiles (``enable_tiling``), and
-in the layout of ``vae._tile_layout`` (equal tiles as short as the overlap allows, blended by ``vae._blend_weights``),
+in the layout of ``vae._tile_layout`` (equal tiles as short as the overlap allows, blended by ``vae._blend_tiles``),
 for five latent / tile sizes at overlap 0.25. Every decode, tiles included, runs in torch: the comparison is of the
 layouts, and the project's MindSpore decode of a tile equals torch's to 1e-6 (tests/test_vae.py). Printed per case:
 mean absolute difference to the untiled decode and the latent area each layout decodes. Random weights make the
@@ -24,19 +24,13 @@ F = 2  # the two-level VAE's upsampling factor
 
 
 def project_tiled(model, z: torch.Tensor, tile: int) -> tuple:
-    """(image, decoded latent area) of the project's tile layout and blending, each tile decoded by ``model``."""
-    b, _, h, w = z.shape
-    (th, rows), (tw, cols) = vae._tile_layout(h, vae.Tiling(tile)), vae._tile_layout(w, vae.Tiling(tile))
-    out, total = np.zeros((b, 3, h * F, w * F)), np.zeros((h * F, w * F))
-    for y0, wy in zip(rows, vae._blend_weights(rows, th, F)):
-        for x0, wx in zip(cols, vae._blend_weights(cols, tw, F)):
-            with torch.no_grad():
-                image = model.decode(z[:, :, y0 : y0 + th, x0 : x0 + tw]).sample.numpy()
-            weight = wy[:, None] * wx[None, :]
-            ys, xs = slice(y0 * F, (y0 + th) * F), slice(x0 * F, (x0 + tw) * F)
-            out[:, :, ys, xs] += image * weight
-            total[ys, xs] += weight
-    return out / total, len(rows) * len(cols) * th * tw
+    """(image, decoded latent area) of the project's tile layout and blending (``vae._blend_tiles``), each tile
+    decoded by ``model``."""
+    tiling = vae.Tiling(tile)
+    (th, rows), (tw, cols) = vae._tile_layout(z.shape[2], tiling), vae._tile_layout(z.shape[3], tiling)
+    with torch.no_grad():
+        image = vae._blend_tiles(lambda t: model.decode(t).sample.numpy(), z, tiling, F, 3)
+    return image, len(rows) * len(cols) * th * tw
 
 
 def diffusers_area(size: int, tile: int) -> int:

@@ -369,20 +369,30 @@ class AutoencoderKL(nn.Cell):
     def _decode_tiled(self, z, tiling: Tiling):
         """Decode equal tiles one at a time and blend them on the host: memory is one tile's activations plus the
         output image."""
-        b, _, h, w = z.shape
-        f = self.cfg.downsample_factor
-        (th, rows), (tw, cols) = _tile_layout(h, tiling), _tile_layout(w, tiling)
-        row_w, col_w = _blend_weights(rows, th, f), _blend_weights(cols, tw, f)  # per tile, (th*f,) / (tw*f,)
-        out = np.zeros((b, self.cfg.out_channels, h * f, w * f), np.float32)
-        total = np.zeros((h * f, w * f), np.float32)
-        for y0, wy in zip(rows, row_w):
-            for x0, wx in zip(cols, col_w):
-                tile = self._decode(z[:, :, y0 : y0 + th, x0 : x0 + tw]).astype(ms.float32).asnumpy()
-                weight = wy[:, None] * wx[None, :]  # (th*f, tw*f)
-                ys, xs = slice(y0 * f, (y0 + th) * f), slice(x0 * f, (x0 + tw) * f)
-                out[:, :, ys, xs] += tile * weight
-                total[ys, xs] += weight
-        return Tensor(out / total).astype(self.dtype)
+
+        def decode(tile):
+            return self._decode(tile).astype(ms.float32).asnumpy()
+
+        image = _blend_tiles(decode, z, tiling, self.cfg.downsample_factor, self.cfg.out_channels)  # (B, C, H, W)
+        return Tensor(image).astype(self.dtype)
+
+
+def _blend_tiles(decode, z, tiling: Tiling, f: int, channels: int) -> np.ndarray:
+    """(B, channels, h*f, w*f) float32 image of latents z (B, C, h, w), decoded tile by tile by ``decode`` (a latent
+    tile -> its float32 host image) and blended by ``_blend_weights`` over ``_tile_layout``."""
+    b, _, h, w = z.shape
+    (th, rows), (tw, cols) = _tile_layout(h, tiling), _tile_layout(w, tiling)
+    row_w, col_w = _blend_weights(rows, th, f), _blend_weights(cols, tw, f)  # per tile, (th*f,) / (tw*f,)
+    out = np.zeros((b, channels, h * f, w * f), np.float32)
+    total = np.zeros((h * f, w * f), np.float32)
+    for y0, wy in zip(rows, row_w):
+        for x0, wx in zip(cols, col_w):
+            tile = decode(z[:, :, y0 : y0 + th, x0 : x0 + tw])
+            weight = wy[:, None] * wx[None, :]  # (th*f, tw*f)
+            ys, xs = slice(y0 * f, (y0 + th) * f), slice(x0 * f, (x0 + tw) * f)
+            out[:, :, ys, xs] += tile * weight
+            total[ys, xs] += weight
+    return out / total
 
 
 def _tile_layout(size: int, tiling: Tiling) -> tuple:
