@@ -79,6 +79,11 @@ def _custom(library: Path, name: str, out_shape, outputs: int = 1, bprop=None):
     return ops.Custom(f"{library}:{name}", out_shape=out_shape, out_dtype=dtype, func_type="aot", bprop=bprop)
 
 
+def _conf(length: int, eps: float):
+    """A norm op's float32 (length,) conf tensor: its shape carries a count (GroupNorm's groups), its values eps."""
+    return mint.ones((length,), dtype=ms.float32) * eps  # mint.full has no CPU kernel
+
+
 def _row_norm_bprop(backward):
     def bprop(x, conf, out, dout):  # out: (y, rstd); nothing downstream reads rstd
         return backward(dout[0], out[0], out[1], conf), ops.zeros_like(conf)
@@ -134,8 +139,7 @@ def conv2d(x, weight, bias, stride: int, padding: int):
 def group_norm(x, groups: int, weight, bias, eps: float):
     """torch ``group_norm`` of float32 (B, C, *spatial) x with float32 weight and bias (C,). ``available()`` must have
     returned True. The op reads the group count from the shape of its (groups,) conf tensor, eps from its value."""
-    conf = mint.ones((groups,), dtype=ms.float32) * eps  # mint.full has no CPU kernel
-    return _ops["group_norm"](x, weight, bias, conf)[0]
+    return _ops["group_norm"](x, weight, bias, _conf(groups, eps))[0]
 
 
 def softmax(x):
@@ -146,5 +150,4 @@ def softmax(x):
 def row_norm(x, eps: float, centred: bool):
     """The normalisation of float32 x over its last axis: LayerNorm's ``(x - mean) / sqrt(var + eps)`` when ``centred``,
     else RMSNorm's ``x / sqrt(mean(x^2) + eps)``; no affine. ``available()`` must have returned True."""
-    conf = mint.ones((1,), dtype=ms.float32) * eps  # the op reads eps from this tensor's value
-    return _ops["LayerNorm" if centred else "RmsNorm"](x, conf)[0]
+    return _ops["LayerNorm" if centred else "RmsNorm"](x, _conf(1, eps))[0]
