@@ -12,16 +12,14 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
 from diffusers import LuminaNextDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
-from workers import WARMUP, worker_env
+from workers import timed, worker_env
 
 import mindspore as ms
 from mindspore import Tensor, mint
@@ -45,25 +43,11 @@ def forward_flops(cfg: nextdit.NextDiTConfig, seq: int, cap: int) -> float:
     return 2.0 * cfg.n_layers * per_block
 
 
-def timed(fn, repeats):
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    for _ in range(WARMUP - 1):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
-
-
 def matmul_peak(repeats=5, n=2048):
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     ta, ma = torch.from_numpy(a), Tensor(a)
-    _, t_torch = timed(lambda: torch.mm(ta, ta), repeats)
-    _, t_ms = timed(lambda: mint.matmul(ma, ma).asnumpy(), repeats)
+    _, _, t_torch = timed(lambda: torch.mm(ta, ta), repeats)
+    _, _, t_ms = timed(lambda: mint.matmul(ma, ma).asnumpy(), repeats)
     flops = 2.0 * n**3
     return flops / t_torch / 1e9, flops / t_ms / 1e9
 
@@ -106,11 +90,13 @@ def worker(framework: str, seq: int, repeats: int) -> dict:
     if framework == "torch":
         rope_table = get_2d_rotary_pos_embed_lumina(CFG.head_dim, 384, 384)
         args = [torch.from_numpy(a) for a in arrays]
-        first, median = timed(lambda: model(*args, rope_table, cross_attention_kwargs={}, return_dict=False), repeats)
+        _, first, median = timed(
+            lambda: model(*args, rope_table, cross_attention_kwargs={}, return_dict=False), repeats
+        )
     else:
         ms.set_context(mode=ms.GRAPH_MODE if framework == "graph" else ms.PYNATIVE_MODE)
         args = [Tensor(a) for a in arrays]
-        first, median = timed(lambda: nextdit.forward(model, *args).asnumpy(), repeats)
+        _, first, median = timed(lambda: nextdit.forward(model, *args).asnumpy(), repeats)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"first": first, "median": median, "peak_mb": peak_mb, "torch_threads": torch.get_num_threads()}
 

@@ -22,13 +22,11 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
-from workers import WARMUP, worker_env
+from workers import timed, worker_env
 
 MODELS = {  # name -> (Next-DiT config, caption tokens)
     "bench": ({"dim": 384, "n_layers": 6, "n_heads": 6, "n_kv_heads": 2, "qk_norm": True, "cap_feat_dim": 256,
@@ -141,20 +139,11 @@ def torch_step(size: int, tokens: int, rank: int = 0):
 
 
 def time_steps(step, repeats: int) -> dict:
-    """First call (compile included), then the median of ``repeats`` calls after ``WARMUP`` calls in all
-    (``workers.py``: why); the first call's loss and this process's peak RSS."""
-    t0 = time.perf_counter()
-    loss0 = step()
-    first = time.perf_counter() - t0
-    for _ in range(WARMUP - 1):
-        step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    """``workers.timed`` of the step (first call with compilation, median after ``WARMUP`` calls), the first call's
+    loss and this process's peak RSS."""
+    loss0, first, median = timed(step, repeats)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"first": first, "median": statistics.median(times), "loss0": loss0, "peak_mb": peak}
+    return {"first": first, "median": median, "loss0": loss0, "peak_mb": peak}
 
 
 def worker(kind: str, size: int, tokens: int, repeats: int, rank: int = 0) -> dict:
