@@ -121,12 +121,18 @@ def _mean_last(x):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def rms_norm(x, weight, eps: float, fused: bool = False, compiled: bool = False):
-    """LLaMA RMSNorm as the Lumina reference: normalise in fp32, cast back, then multiply by the weight. ``compiled``:
-    the normalisation on the project's CPU kernel (``compiled_kernels()``), one pass each way."""
+def rms_norm(x, weight, eps: float, fused: bool = False, compiled: bool = False, scale=None, shift=None):
+    """LLaMA RMSNorm as the Lumina reference: normalise in fp32, cast back, then multiply by the weight; with an adaLN
+    ``scale`` / ``shift`` (B, D) for a (B, L, D) ``x``, then ``* scale + shift`` on each sample's tokens. ``compiled``:
+    on the project's CPU kernel (``compiled_kernels()``) for fp32, normalisation, weight and modulation in one pass each
+    way with the same roundings; other dtypes normalise on it and keep the rest portable."""
+    if compiled and x.dtype == ms.float32:
+        return cpu_kernels.row_norm(x, eps, False, weight, scale, shift)
     if fused:
-        return fused_rms_norm(x, weight, eps)
-    return _rms_normalise(x, eps, compiled).astype(x.dtype) * spread_features(weight, x)
+        y = fused_rms_norm(x, weight, eps)
+    else:
+        y = _rms_normalise(x, eps, compiled).astype(x.dtype) * spread_features(weight, x)
+    return _modulate(y, scale, shift, fused)
 
 
 def fused_rms_norm(x, weight, eps: float, kernel=None):
@@ -138,7 +144,10 @@ def fused_rms_norm(x, weight, eps: float, kernel=None):
 
 def rms_norm_offset(x, weight, eps: float, compiled: bool = False):
     """Gemma's RMSNorm: ``x * rsqrt(mean(x^2) + eps) * (1 + w)``, all in fp32, cast to the input dtype at the end."""
-    return (_rms_normalise(x, eps, compiled) * (1.0 + weight.astype(ms.float32))).astype(x.dtype)
+    gain = 1.0 + weight.astype(ms.float32)
+    if compiled:
+        return cpu_kernels.row_norm(x.astype(ms.float32), eps, False, gain).astype(x.dtype)
+    return (_rms_normalise(x, eps, compiled) * gain).astype(x.dtype)
 
 
 def _rms_normalise(x, eps: float, compiled: bool):
@@ -148,9 +157,11 @@ def _rms_normalise(x, eps: float, compiled: bool):
     return x32 * ops.rsqrt(_mean_last(x32 * x32) + eps)
 
 
-def layer_norm(x, weight, bias, eps: float, fused: bool = False, compiled: bool = False):
-    """LayerNorm over the last axis, statistics in fp32 (``weight``/``bias`` may be None). ``compiled``: the
-    normalisation on the project's CPU kernel, as ``rms_norm``."""
+def layer_norm(x, weight, bias, eps: float, fused: bool = False, compiled: bool = False, scale=None, shift=None):
+    """LayerNorm over the last axis, statistics in fp32 (``weight``/``bias`` may be None), then an adaLN ``scale`` /
+    ``shift`` as ``rms_norm``. ``compiled``: as ``rms_norm`` (a bias and a modulation together stay portable)."""
+    if compiled and x.dtype == ms.float32 and (bias is None or (scale is None and shift is None)):
+        return cpu_kernels.row_norm(x, eps, True, weight, scale, shift if bias is None else bias.reshape(1, -1))
     if fused:
         y = mint.nn.functional.layer_norm(x.astype(ms.float32), (x.shape[-1],), None, None, eps)
     elif compiled:
@@ -164,6 +175,15 @@ def layer_norm(x, weight, bias, eps: float, fused: bool = False, compiled: bool 
         y = y * spread_features(weight, y, fused)
     if bias is not None:
         y = y + spread_features(bias, y, fused)
+    return _modulate(y, scale, shift, fused)
+
+
+def _modulate(y, scale, shift, fused: bool):
+    """``y * scale + shift`` of (B, L, D) tokens and (B, D) adaLN vectors (either may be None)."""
+    if scale is not None:
+        y = y * spread_tokens(scale, y.shape[1], fused)
+    if shift is not None:
+        y = y + spread_tokens(shift, y.shape[1], fused)
     return y
 
 

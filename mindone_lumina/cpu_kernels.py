@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import mindspore as ms
-from mindspore import mint, ops
+from mindspore import Tensor, mint, ops
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = ("onednn_conv.cc", "group_norm.cc", "softmax.cc", "row_norm.cc")
@@ -53,7 +53,8 @@ def _build() -> Path | None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # renamed when complete: builds may race
-    command = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-o", str(partial)]
+    # no fused multiply-adds: the row norm's products and sums must round as the portable path's separate kernels
+    command = [compiler, "-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", "-pthread", "-o", str(partial)]
     command += [str(_CSRC / name) for name in _SOURCES] + [f"-L{lib_dir}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib_dir}"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -84,13 +85,6 @@ def _conf(length: int, eps: float):
     return mint.ones((length,), dtype=ms.float32) * eps  # mint.full has no CPU kernel
 
 
-def _row_norm_bprop(backward):
-    def bprop(x, conf, out, dout):  # out: (y, rstd); nothing downstream reads rstd
-        return backward(dout[0], out[0], out[1], conf), ops.zeros_like(conf)
-
-    return bprop
-
-
 @functools.cache
 def available() -> bool:
     """Whether the custom ops are built and loaded (decided once per process; they are CPU kernels)."""
@@ -115,9 +109,12 @@ def available() -> bool:
     def softmax_bprop(x, out, dout):
         return (softmax_backward(dout, out),)
 
-    for kind in ("RmsNorm", "LayerNorm"):
-        backward = _custom(library, f"{kind}Backward", lambda dy, y, rstd, conf: y)
-        _ops[kind] = _custom(library, f"{kind}Forward", lambda x, conf: (x, x[:-1]), 2, _row_norm_bprop(backward))
+    row_norm_backward = _custom(library, "RowNormBackward", lambda dy, x, w, s, c, r, conf: (x, w, s, c), outputs=4)
+
+    def row_norm_bprop(x, w, s, c, conf, out, dout):  # out: (y, rstd); nothing downstream reads rstd
+        return (*row_norm_backward(dout[0], x, w, s, c, out[1], conf), ops.zeros_like(conf))
+
+    _ops["row_norm"] = _custom(library, "RowNormForward", lambda x, w, s, c, conf: (x, x[:-1]), 2, row_norm_bprop)
     _ops["conv"] = _custom(library, "ConvForward", _conv_shape, bprop=conv_bprop)
     _ops["softmax"] = _custom(library, "SoftmaxForward", lambda x: x, bprop=softmax_bprop)
     stats = lambda x, w, b, conf: (x, (x[0], conf[0]), (x[0], conf[0]))  # noqa: E731
@@ -147,7 +144,14 @@ def softmax(x):
     return _ops["softmax"](x)
 
 
-def row_norm(x, eps: float, centred: bool):
-    """The normalisation of float32 x over its last axis: LayerNorm's ``(x - mean) / sqrt(var + eps)`` when ``centred``,
-    else RMSNorm's ``x / sqrt(mean(x^2) + eps)``; no affine. ``available()`` must have returned True."""
-    return _ops["LayerNorm" if centred else "RmsNorm"](x, _conf(1, eps))[0]
+def row_norm(x, eps: float, centred: bool, weight=None, scale=None, shift=None):
+    """``((norm(x) * weight) * scale) + shift`` of float32 x over its last axis (n), each factor optional: ``norm`` is
+    LayerNorm's ``(x - mean) / sqrt(var + eps)`` when ``centred``, else RMSNorm's ``x / sqrt(mean(x^2) + eps)``;
+    ``weight`` (n,), ``scale`` and ``shift`` (G, n), one row per group of x's rows ((1, n): all rows; (B, n): each
+    sample of a (B, L, n) x), all float32. ``available()`` must have returned True."""
+    # a graph constant: eps and which factors are present; a missing factor's input is the conf itself, read nowhere
+    conf = Tensor([eps, centred, weight is not None, scale is not None, shift is not None], ms.float32)
+    factors = [
+        conf if f is None else f if f.dtype == ms.float32 else f.astype(ms.float32) for f in (weight, scale, shift)
+    ]
+    return _ops["row_norm"](x, *factors, conf)[0]

@@ -1,6 +1,6 @@
 """The compiled CPU kernels (``cpu_kernels.py``: oneDNN convolution, GroupNorm, softmax and the RMSNorm / LayerNorm
-normalisation as AOT custom ops) against torch: values and gradients, in graph mode and PyNative, and the build's cache
-and fallback."""
+with their affine and adaLN modulation as AOT custom ops) against torch: values and gradients, in graph mode and
+PyNative, and the build's cache and fallback."""
 
 import os
 import subprocess
@@ -225,6 +225,54 @@ def test_row_norms_match_torch(shape, centred, mode):
         assert rel_err(value, ref) < 1e-6, compiled
         for g, r in zip(grads, ref_grads):
             assert rel_err(g, r) < 1e-5, compiled
+
+
+class ModulatedNorm(nn.Cell):
+    """A DiT's adaLN norm: RMSNorm (weight) or LayerNorm (no affine), then ``* scale + shift`` per sample."""
+
+    def __init__(self, centred: bool, compiled: bool, shifted: bool):
+        super().__init__()
+        self.centred, self.compiled_kernel, self.shifted = centred, compiled, shifted
+
+    def construct(self, x, weight, scale, shift):
+        shift = shift if self.shifted else None
+        if self.centred:
+            return backend.layer_norm(x, None, None, 1e-6, compiled=self.compiled_kernel, scale=scale, shift=shift)
+        return backend.rms_norm(x, weight, 1e-5, compiled=self.compiled_kernel, scale=scale, shift=shift)
+
+
+def torch_modulated_norm(centred: bool, shifted: bool):
+    def norm(x, weight, scale, shift):
+        if centred:
+            y = torch.nn.functional.layer_norm(x, x.shape[-1:], None, None, 1e-6) + 0 * weight.sum()
+        else:
+            y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
+        y = y * scale[:, None]
+        return y + shift[:, None] if shifted else y + 0 * shift.sum()  # every input in the graph: its gradient is 0
+
+    return norm
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 24), (3, 1, 130), (1, 33, 16)], ids=["tokens", "one-token", "one-sample"])
+@pytest.mark.parametrize("kind", ["rms", "rms-shift", "layer-shift"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_modulated_norms_match_torch(shape, kind, mode):
+    """The adaLN forms of the DiTs (``norm(x) * scale + shift`` with a (B, D) scale and shift per sample) on the
+    compiled kernel, which takes the modulation into its one pass, and on the portable ops: values and the gradients
+    of x, weight, scale and shift."""
+    centred, shifted = kind.startswith("layer"), kind.endswith("shift")
+    rng = np.random.default_rng(shape[-1] + len(kind))
+    b, _, d = shape
+    x = (rng.standard_normal(shape, np.float32) * 2 + 0.5).astype(np.float32)
+    weight = rng.standard_normal(d, np.float32)
+    scale, shift = (rng.standard_normal((b, d), np.float32) for _ in range(2))
+    cotangent = rng.standard_normal(shape, np.float32)
+    ref, ref_grads = torch_both(torch_modulated_norm(centred, shifted), [x, weight, scale, shift], cotangent)
+    for compiled in (True, False):
+        value, grads = run_both(ModulatedNorm(centred, compiled, shifted), [x, weight, scale, shift], cotangent, mode)
+        assert rel_err(value, ref) < 1e-6, compiled
+        for name, g, r in zip(["x", "weight", "scale", "shift"], grads, ref_grads):
+            assert (np.abs(g).max() == 0) if not r.any() else rel_err(g, r) < 1e-5, (compiled, name)
 
 
 def fresh(code: str, **env) -> subprocess.CompletedProcess:

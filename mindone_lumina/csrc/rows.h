@@ -1,5 +1,6 @@
-// Kernels over the rows of a float32 tensor's last axis (softmax.cc, row_norm.cc): argument checks and the spread of
-// rows over threadpool.h.
+// Kernels over the rows of a float32 tensor's last axis (softmax.cc, row_norm.cc): argument checks, the spread of
+// rows over threadpool.h, and CLONES, which builds a row function for AVX-512, AVX2 and the baseline, chosen at load
+// time (the loops are plain float code the compiler vectorises).
 #pragma once
 
 #include <algorithm>
@@ -7,6 +8,12 @@
 #include <string>
 
 #include "threadpool.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define CLONES
+#endif
 
 // (number of rows, row length n) of the first input, or false for an input count, shape or dtype the kernel does not
 // take (every input float32)

@@ -9,19 +9,12 @@
 // exp is a Cephes-style range reduction (x = n ln2 + r, |r| <= ln2 / 2) with a degree-6 polynomial: within 1 ulp of
 // the correctly rounded exp on every float of [-87, 0], the range a softmax sees (x - max <= 0; checked against
 // double exp). Below -87 it returns 0 (exp is under 1.7e-38 there), so that the attention's -1e30 mask gives exactly
-// 0. The loops are plain float code the compiler vectorises; target_clones builds them for AVX-512, AVX2 and the
-// baseline, chosen at load time.
+// 0. The row loops are built per instruction set (CLONES, rows.h).
 
 #include <cstdint>
 #include <cstring>
 
 #include "rows.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define CLONES
-#endif
 
 namespace {
 

@@ -226,14 +226,13 @@ class FinalLayer(nn.Cell):
         self.norm_final = LayerNorm(cfg.dim, eps=1e-6, affine=False)
         self.linear = zero_linear(cfg.dim, cfg.patch_size**2 * cfg.out_channels)
         self.adaLN_modulation = nn.SequentialCell([nn.SiLU(), zero_linear(cfg.cond_dim, (2 if shift else 1) * cfg.dim)])
-        self.fused = backend.use_fused_kernels()
 
     def construct(self, x, c):
-        mod = backend.spread_tokens(self.adaLN_modulation(c), x.shape[1], self.fused)  # (B, L or 1, dim or 2 dim)
+        mod = self.adaLN_modulation(c)  # (B, dim or 2 dim)
         if self.shift:
-            shift, scale = mint.chunk(mod, 2, dim=2)
-            return self.linear(self.norm_final(x) * (1 + scale) + shift)  # (B, L, p*p*C_out)
-        return self.linear(self.norm_final(x) * (1 + mod))
+            shift, scale = mint.chunk(mod, 2, dim=1)
+            return self.linear(self.norm_final(x, 1 + scale, shift))  # (B, L, p*p*C_out)
+        return self.linear(self.norm_final(x, 1 + mod))
 
 
 def build(model: nn.Cell, cfg: DiTShape, block, final_shift: bool, tokens: tuple = ("pad_token",)) -> None:

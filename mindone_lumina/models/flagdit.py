@@ -85,13 +85,15 @@ class TransformerBlock(nn.Cell):
         self.fused = backend.use_fused_kernels()
 
     def construct(self, x, cos, sin, gain, y, y_mask, c):
-        mod = backend.spread_tokens(self.adaLN_modulation(c), x.shape[1], self.fused)  # (B, L or 1, 6 dim)
-        mod = mint.chunk(mod, 6, dim=2)  # (B, L or 1, dim) x6
+        mod = mint.chunk(self.adaLN_modulation(c), 6, dim=1)  # (B, dim) x6
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        h = self.attention_norm(x) * (1 + scale_msa) + shift_msa
-        x = x + gate_msa * self.attention(h, cos, sin, gain, self.attention_y_norm(y), y_mask)
-        h = self.ffn_norm(x) * (1 + scale_mlp) + shift_mlp
-        return x + gate_mlp * self.feed_forward(h)  # (B, L, dim)
+        length, fused = x.shape[1], self.fused
+        h = self.attention_norm(x, 1 + scale_msa, shift_msa)
+        x = x + backend.spread_tokens(gate_msa, length, fused) * self.attention(
+            h, cos, sin, gain, self.attention_y_norm(y), y_mask
+        )
+        h = self.ffn_norm(x, 1 + scale_mlp, shift_mlp)
+        return x + backend.spread_tokens(gate_mlp, length, fused) * self.feed_forward(h)  # (B, L, dim)
 
 
 class FlagDiT(CheckedInputs, nn.Cell):

@@ -24,7 +24,8 @@ def normal_parameter(shape: tuple, std: float = 0.02) -> Parameter:
 
 
 class LayerNorm(nn.Cell):
-    """LayerNorm over the last axis with optional affine ``weight``/``bias`` (statistics in fp32)."""
+    """LayerNorm over the last axis with optional affine ``weight``/``bias`` (statistics in fp32); ``construct(x,
+    scale=None, shift=None)`` with an adaLN modulation (B, D) of (B, L, D) tokens: ``norm(x) * scale + shift``."""
 
     def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
         super().__init__()
@@ -35,15 +36,15 @@ class LayerNorm(nn.Cell):
             self.weight = Parameter(Tensor(np.ones(dim, np.float32)))
             self.bias = Parameter(Tensor(np.zeros(dim, np.float32)))
 
-    def construct(self, x):
-        if self.affine:
-            return backend.layer_norm(x, self.weight, self.bias, self.eps, self.fused, self.compiled_kernel)
-        return backend.layer_norm(x, None, None, self.eps, self.fused, self.compiled_kernel)
+    def construct(self, x, scale=None, shift=None):
+        weight, bias = (self.weight, self.bias) if self.affine else (None, None)
+        return backend.layer_norm(x, weight, bias, self.eps, self.fused, self.compiled_kernel, scale, shift)
 
 
 class RMSNorm(nn.Cell):
     """RMSNorm in fp32. LLaMA form: ``norm(x.float()).type_as(x) * weight``; with ``offset`` (Gemma) the scale is
-    ``1 + weight`` and the product is also taken in fp32 before the cast."""
+    ``1 + weight`` and the product is also taken in fp32 before the cast. ``construct(x, scale=None, shift=None)``:
+    as ``LayerNorm`` (LLaMA form only)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, offset: bool = False):
         super().__init__()
@@ -52,10 +53,10 @@ class RMSNorm(nn.Cell):
         self.compiled_kernel = backend.compiled_kernels()
         self.weight = Parameter(Tensor(np.full(dim, 0.0 if offset else 1.0, np.float32)))  # identity scale
 
-    def construct(self, x):
+    def construct(self, x, scale=None, shift=None):
         if self.offset:
             return backend.rms_norm_offset(x, self.weight, self.eps, self.compiled_kernel)
-        return backend.rms_norm(x, self.weight, self.eps, self.fused, self.compiled_kernel)
+        return backend.rms_norm(x, self.weight, self.eps, self.fused, self.compiled_kernel, scale, shift)
 
 
 def cast_parameters(cell: nn.Cell, dtype) -> nn.Cell:

@@ -24,7 +24,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn
 
-from .. import backend, rope
+from .. import rope
 from . import dit_blocks, lora
 from .dit_blocks import Attention, CheckedInputs, DiTShape, FeedForward
 from .layers import RMSNorm, cast_parameters, zero_linear
@@ -77,16 +77,14 @@ class TransformerBlock(nn.Cell):
         self.ffn_norm2 = RMSNorm(d, eps)
         self.adaLN_modulation = nn.SequentialCell([nn.SiLU(), zero_linear(cfg.cond_dim, 4 * d)])
         self.attention_y_norm = RMSNorm(cfg.cap_feat_dim, eps)
-        self.fused = backend.use_fused_kernels()
 
     def construct(self, x, cos, sin, gain, y, y_mask, c, merge_index=None, merge_weight=None):
         scale_msa, gate_msa, scale_mlp, gate_mlp = mint.chunk(self.adaLN_modulation(c), 4, dim=1)  # (B, dim) x4
-        length, fused = x.shape[1], self.fused
-        h = self.attention_norm1(x) * backend.spread_tokens(1 + scale_msa, length, fused)
+        h = self.attention_norm1(x, 1 + scale_msa)
         h = self.attention(h, cos, sin, gain, self.attention_y_norm(y), y_mask, merge_index, merge_weight)
-        x = x + backend.spread_tokens(mint.tanh(gate_msa), length, fused) * self.attention_norm2(h)
-        h = self.feed_forward(self.ffn_norm1(x) * backend.spread_tokens(1 + scale_mlp, length, fused))
-        return x + backend.spread_tokens(mint.tanh(gate_mlp), length, fused) * self.ffn_norm2(h)  # (B, L, dim)
+        x = x + self.attention_norm2(h, mint.tanh(gate_msa))
+        h = self.feed_forward(self.ffn_norm1(x, 1 + scale_mlp))
+        return x + self.ffn_norm2(h, mint.tanh(gate_mlp))  # (B, L, dim)
 
 
 class NextDiT(CheckedInputs, nn.Cell):
