@@ -276,17 +276,22 @@ def attention(q, k, v, key_mask, scale: float, fused: bool = False, attn_mask=No
     return ops.transpose(out, (0, 3, 1, 2, 4)).reshape(b, seq_q, n, -1)  # (B, L, N, D); head h = (h // rep, h % rep)
 
 
+# the BatchMatMul primitive, not mint.matmul: its gradients are BatchMatMuls with transposed operands, where
+# mint.matmul's copy each operand with a Transpose kernel first (40 of them in the default model's training step)
+_BMM = ops.BatchMatMul()
+
+
 def _attend(q, k, v, attn_mask, compiled: bool):
     """softmax(q k) v of scaled (and mask-extended) queries (B, Nkv, rep, l, D') and keys (B, Nkv, D', S), values
     (B, Nkv, S, D) -> (B, Nkv, rep, l, D)."""
     b, g, rep, seq, _ = q.shape
-    scores = mint.matmul(q.reshape(b, g, rep * seq, -1), k).astype(ms.float32)  # (B, Nkv, rep*l, S); fp32 as SDPA
+    scores = _BMM(q.reshape(b, g, rep * seq, -1), k).astype(ms.float32)  # (B, Nkv, rep*l, S); fp32 as SDPA
     if attn_mask is not None:  # (B|1, 1, l, S) broadcast over the heads
         scores = scores.reshape(b, g, rep, seq, -1) + (1.0 - attn_mask.astype(ms.float32)).unsqueeze(2) * _MASKED
         scores = scores.reshape(b, g, rep * seq, -1)
     probs = cpu_kernels.softmax(scores) if compiled else mint.nn.functional.softmax(scores, dim=-1)
     probs = probs.astype(v.dtype)
-    return mint.matmul(probs, v).reshape(b, g, rep, seq, -1)
+    return _BMM(probs, v).reshape(b, g, rep, seq, -1)
 
 
 def flash_attention(q, k, v, key_mask, scale: float, attn_mask=None, kernel=None):
