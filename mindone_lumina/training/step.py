@@ -39,10 +39,8 @@ _ema_update = ops.MultitypeFuncGraph("ema_update")
 
 
 @_ema_update.register("Tensor", "Tensor", "Tensor")
-def _ema_one(rate, ema, param):
-    # ema + rate * (param - ema), torch's ``lerp_``: one kernel per parameter where ``ema * decay + param * (1 -
-    # decay)`` is three (the per-parameter kernels of optimizer, clipping and EMA are a third of a small model's step)
-    return ops.assign(ema, ops.lerp(ema, param, rate))
+def _ema_one(decay, ema, param):
+    return ops.assign(ema, ema * decay + param * (1.0 - decay))
 
 
 _accumulate = ops.MultitypeFuncGraph("accumulate")
@@ -175,7 +173,7 @@ class Trainer(nn.Cell):
         )
         self.ema = self.params.clone("ema", "same")
         self.grads = self.params.clone("grad_acc", "zeros")
-        self.ema_rate = Tensor(1.0 - cfg.ema_decay, ms.float32)  # EMA: ema += rate * (param - ema)
+        self.ema_decay = Tensor(cfg.ema_decay, ms.float32)
         self.clip = cfg.grad_clip
         self.accum = cfg.grad_accum
         self.hyper_map = ops.HyperMap()
@@ -291,7 +289,7 @@ class Trainer(nn.Cell):
             rank, split = self.zero.op_rank_id, self.zero.need_parameter_split
             grads = self.hyper_map(ops.partial(_shard, self.zero.split_op, rank), grads, split)
             self.zero.run_optimizer(grads)
-        self.hyper_map(ops.partial(_ema_update, self.ema_rate), self.ema, self.params)
+        self.hyper_map(ops.partial(_ema_update, self.ema_decay), self.ema, self.params)
 
 
 def _sum_of_squares(tensors):
