@@ -187,14 +187,18 @@ def _modulate(y, scale, shift, fused: bool):
     return y
 
 
-def group_norm(x, groups: int, weight, bias, eps: float, compiled: bool = False):
+def group_norm(x, groups: int, weight, bias, eps: float, compiled: bool = False, silu: bool = False):
     """torch ``group_norm`` of (B, C, *spatial) with statistics and affine in fp32, returned in x's dtype (torch also
-    computes half-precision GroupNorm in fp32). ``compiled``: the project's CPU kernel (``compiled_kernels()``;
-    MindSpore's CPU GroupNorm with its gradient took 18x torch's time on a VAE training shape)."""
+    computes half-precision GroupNorm in fp32), then SiLU if ``silu``. ``compiled``: the project's CPU kernel
+    (``compiled_kernels()``; MindSpore's CPU GroupNorm with its gradient took 18x torch's time on a VAE training shape),
+    with the SiLU in the same pass for fp32."""
     x32, w, b = x.astype(ms.float32), weight.astype(ms.float32), bias.astype(ms.float32)
+    fuse = compiled and silu and x.dtype == ms.float32
     if compiled:
-        return cpu_kernels.group_norm(x32, groups, w, b, eps).astype(x.dtype)
-    return mint.nn.functional.group_norm(x32, groups, w, b, eps).astype(x.dtype)
+        y = cpu_kernels.group_norm(x32, groups, w, b, eps, fuse).astype(x.dtype)
+    else:
+        y = mint.nn.functional.group_norm(x32, groups, w, b, eps).astype(x.dtype)
+    return mint.nn.functional.silu(y) if silu and not fuse else y
 
 
 def gelu_tanh(x, fused: bool = False):

@@ -1,14 +1,15 @@
-"""CPU kernels the project compiles itself: MindSpore AOT custom ops for the VAE's convolution and GroupNorm, the
-attention's softmax and the RMSNorm / LayerNorm normalisation.
+"""CPU kernels the project compiles itself: MindSpore AOT custom ops for the VAE's convolution and GroupNorm (with its
+SiLU), the attention's softmax and the RMSNorm / LayerNorm with their affine and adaLN modulation.
 
 MindSpore 2.10's CPU ``Conv2D`` hands oneDNN plain NCHW/OIHW memory, which on an AVX-512 processor sends a 3x3 conv to
 oneDNN's reference kernel (backend.py, "Convolution"), and its CPU ``GroupNorm`` with ``GroupNormGrad`` took 18x
 torch's time (a VAE training shape, benchmarks/README). ``csrc/onednn_conv.cc`` calls the same oneDNN (MindSpore's
 own ``libdnnl.so.3``) through its C API with the layouts left to oneDNN, as torch does, for the forward pass and both
-gradients; ``csrc/group_norm.cc`` is a plain GroupNorm and its gradient; ``csrc/softmax.cc`` a last-axis softmax and
-its gradient, one pass each (MindSpore's gradient is four kernels, its last-axis ReduceSum slow on attention scores);
-``csrc/row_norm.cc`` the normalisation of RMSNorm and LayerNorm and its gradient, one pass each where the portable
-path is six kernels forward and a dozen backward; all run on one threadpool (``csrc/threadpool.h``).
+gradients; ``csrc/group_norm.cc`` is a GroupNorm, optionally with the SiLU after it, and its gradient;
+``csrc/softmax.cc`` a last-axis softmax and its gradient, one pass each (MindSpore's gradient is four kernels, its
+last-axis ReduceSum slow on attention scores); ``csrc/row_norm.cc`` RMSNorm and LayerNorm with weight, per-sample
+scale and shift, one pass each way where the portable path is a dozen kernels forward and twice that backward; all
+run on one threadpool (``csrc/threadpool.h``).
 
 The sources are compiled at first use with the system's C++ compiler (``$CXX`` or ``g++``) into a cache folder
 (``$MINDONE_LUMINA_CACHE``, else ``$XDG_CACHE_HOME/mindone_lumina``, else ``~/.cache/mindone_lumina``), under a name
@@ -80,11 +81,6 @@ def _custom(library: Path, name: str, out_shape, outputs: int = 1, bprop=None):
     return ops.Custom(f"{library}:{name}", out_shape=out_shape, out_dtype=dtype, func_type="aot", bprop=bprop)
 
 
-def _conf(length: int, eps: float):
-    """A norm op's float32 (length,) conf tensor: its shape carries a count (GroupNorm's groups), its values eps."""
-    return mint.ones((length,), dtype=ms.float32) * eps  # mint.full has no CPU kernel
-
-
 @functools.cache
 def available() -> bool:
     """Whether the custom ops are built and loaded (decided once per process; they are CPU kernels)."""
@@ -98,10 +94,10 @@ def available() -> bool:
         dw, db = conv_weights(dout, x, w, geometry)
         return conv_data(dout, w, x, geometry), dw, db, ops.zeros_like(geometry)
 
-    norm_backward = _custom(library, "GroupNormBackward", lambda dy, x, w, m, r, c: (x, w, w), outputs=3)
+    norm_backward = _custom(library, "GroupNormBackward", lambda dy, x, w, b, m, r, c: (x, w, w), outputs=3)
 
     def norm_bprop(x, w, b, conf, out, dout):
-        dx, dw, db = norm_backward(dout[0], x, w, out[1], out[2], conf)
+        dx, dw, db = norm_backward(dout[0], x, w, b, out[1], out[2], conf)
         return dx, dw, db, ops.zeros_like(conf)
 
     softmax_backward = _custom(library, "SoftmaxBackward", lambda dy, y: y)
@@ -133,10 +129,12 @@ def conv2d(x, weight, bias, stride: int, padding: int):
     return y if x.dtype == ms.float32 else y.astype(x.dtype)  # (B, O, Ho, Wo)
 
 
-def group_norm(x, groups: int, weight, bias, eps: float):
-    """torch ``group_norm`` of float32 (B, C, *spatial) x with float32 weight and bias (C,). ``available()`` must have
-    returned True. The op reads the group count from the shape of its (groups,) conf tensor, eps from its value."""
-    return _ops["group_norm"](x, weight, bias, _conf(groups, eps))[0]
+def group_norm(x, groups: int, weight, bias, eps: float, silu: bool = False):
+    """torch ``group_norm`` of float32 (B, C, *spatial) x with float32 weight and bias (C,), then SiLU if ``silu``.
+    ``available()`` must have returned True. The op reads the group count from the shape of its (groups, 2) conf
+    tensor, eps and the SiLU switch from its first row (a graph constant)."""
+    conf = Tensor([[eps, float(silu)]] + [[0.0, 0.0]] * (groups - 1), ms.float32)
+    return _ops["group_norm"](x, weight, bias, conf)[0]
 
 
 def softmax(x):

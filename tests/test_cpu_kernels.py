@@ -38,12 +38,12 @@ class Conv(nn.Cell):
 
 
 class Norm(nn.Cell):
-    def __init__(self, groups: int, eps: float):
+    def __init__(self, groups: int, eps: float, silu: bool = False):
         super().__init__()
-        self.groups, self.eps = groups, eps
+        self.groups, self.eps, self.silu = groups, eps, silu
 
     def construct(self, x, weight, bias):
-        return backend.group_norm(x, self.groups, weight, bias, self.eps, compiled=True)
+        return backend.group_norm(x, self.groups, weight, bias, self.eps, compiled=True, silu=self.silu)
 
 
 class Loss(nn.Cell):
@@ -110,16 +110,19 @@ NORMS = [  # (shape, groups, eps)
 
 
 @pytest.mark.parametrize("case", NORMS, ids=[f"norm{i}" for i in range(len(NORMS))])
+@pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_group_norm_matches_torch(case, mode):
+def test_group_norm_matches_torch(case, silu, mode):
+    """GroupNorm, and GroupNorm followed by SiLU in the same kernel (the VAE's form), values and gradients."""
     shape, groups, eps = case
     rng = np.random.default_rng(len(shape) + groups)
     x = (rng.standard_normal(shape, np.float32) * 3 + 2).astype(np.float32)  # a mean and scale to remove
     weight, bias = rng.standard_normal(shape[1], np.float32), rng.standard_normal(shape[1], np.float32)
     cotangent = rng.standard_normal(shape, np.float32)
-    ref, ref_grads = torch_both(lambda *a: torch.nn.functional.group_norm(a[0], groups, a[1], a[2], eps),
+    act = torch.nn.functional.silu if silu else (lambda y: y)
+    ref, ref_grads = torch_both(lambda *a: act(torch.nn.functional.group_norm(a[0], groups, a[1], a[2], eps)),
                                 [x, weight, bias], cotangent)  # fmt: skip
-    value, grads = run_both(Norm(groups, eps), [x, weight, bias], cotangent, mode)
+    value, grads = run_both(Norm(groups, eps, silu), [x, weight, bias], cotangent, mode)
     assert rel_err(value, ref) < 1e-6
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r) < 1e-5

@@ -30,9 +30,9 @@ namespace {
 
 constexpr int kLanes = 16;
 
-// sum over i < n of f(i), in double lanes
+// sum over i < n of f(i), in double lanes; always inlined, so that it is built for its caller's instruction set
 template <typename F>
-double row_sum(int64_t n, F f) {
+__attribute__((always_inline)) inline double row_sum(int64_t n, F f) {
   double lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
@@ -92,7 +92,7 @@ struct Norm {
   const float *shift_row(int64_t r) const { return shift + (r / shift_rows) * n; }
 
   // (mean, rstd) of row xr
-  void stats(const float *xr, float &mean, float &rstd) const {
+  __attribute__((always_inline)) void stats(const float *xr, float &mean, float &rstd) const {
     mean = centred ? static_cast<float>(row_sum(n, [&](int64_t i) { return xr[i]; }) / n) : 0.0f;
     const float m = mean;
     const double square = row_sum(n, [&](int64_t i) { return double(xr[i] - m) * (xr[i] - m); }) / n;

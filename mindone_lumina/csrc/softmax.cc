@@ -6,40 +6,16 @@
 //
 // Float32, contiguous, any rank >= 1; the softmax runs over the last axis.
 // Forward: x -> y. Backward: dy, y -> dx = y * (dy - sum(dy * y)).
-// exp is a Cephes-style range reduction (x = n ln2 + r, |r| <= ln2 / 2) with a degree-6 polynomial: within 1 ulp of
-// the correctly rounded exp on every float of [-87, 0], the range a softmax sees (x - max <= 0; checked against
-// double exp). Below -87 it returns 0 (exp is under 1.7e-38 there), so that the attention's -1e30 mask gives exactly
-// 0. The row loops are built per instruction set (CLONES, rows.h).
+// exp is rows.h's exp_nonpositive (0 below -87, so that the attention's -1e30 mask gives exactly 0). The row loops
+// are built per instruction set (CLONES, rows.h).
 
 #include <cstdint>
-#include <cstring>
 
 #include "rows.h"
 
 namespace {
 
 constexpr int kLanes = 16;  // independent partial results per row, so that the reductions vectorise
-
-inline float exp_nonpositive(float x) {
-  const float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  const float clamped = x < -87.0f ? -87.0f : x;
-  const float n = (clamped * kLog2e + kRound) - kRound;
-  const float r = clamped - n * kLn2Hi - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &p, sizeof bits);
-  bits += static_cast<int32_t>(n) * (1 << 23);  // p * 2^n, a normal float for n >= -126
-  float y;
-  std::memcpy(&y, &bits, sizeof y);
-  return x < -87.0f ? 0.0f : y;
-}
 
 CLONES void softmax_row(const float *__restrict x, float *__restrict y, int64_t n) {
   float lanes[kLanes];

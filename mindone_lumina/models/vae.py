@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, mint, nn
+from mindspore import Parameter, Tensor, mint, nn, ops
 from mindspore.common.initializer import HeUniform, initializer
 
 from .. import backend
@@ -114,7 +114,8 @@ def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> Conv2d:
 
 
 class GroupNorm(nn.Cell):
-    """torch ``GroupNorm`` with fp32 statistics and affine (torch also computes half-precision GroupNorm in fp32)."""
+    """torch ``GroupNorm`` with fp32 statistics and affine (torch also computes half-precision GroupNorm in fp32);
+    ``construct(x, silu=False)``: then SiLU, in the same kernel where the backend can."""
 
     def __init__(self, groups: int, channels: int, eps: float = 1e-6):
         super().__init__()
@@ -123,8 +124,8 @@ class GroupNorm(nn.Cell):
         self.bias = Parameter(Tensor(np.zeros(channels, np.float32)))
         self.compiled_kernel = backend.compiled_kernels()
 
-    def construct(self, x):
-        return backend.group_norm(x, self.groups, self.weight, self.bias, self.eps, self.compiled_kernel)
+    def construct(self, x, silu: bool = False):
+        return backend.group_norm(x, self.groups, self.weight, self.bias, self.eps, self.compiled_kernel, silu)
 
 
 class ResnetBlock2D(nn.Cell):
@@ -141,8 +142,8 @@ class ResnetBlock2D(nn.Cell):
             self.conv_shortcut = _conv(in_ch, out_ch, 1)
 
     def construct(self, x):
-        h = self.conv1(mint.nn.functional.silu(self.norm1(x)))  # (B, C_out, H, W)
-        h = self.conv2(mint.nn.functional.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, True))  # (B, C_out, H, W); the norm with its SiLU
+        h = self.conv2(self.norm2(h, True))
         if self.use_shortcut:
             x = self.conv_shortcut(x)
         return x + h
@@ -163,13 +164,15 @@ class Attention2D(nn.Cell):
 
     def construct(self, x):
         b, c, h, w = x.shape
-        t = mint.permute(self.group_norm(x).reshape(b, c, h * w), (0, 2, 1))  # (B, HW, C)
+        # ops.transpose (a copy), not the view mint.permute: MindSpore's CPU kernels read a strided view slowly
+        # (backend.attention); here its reshapes each paid a strided copy
+        t = ops.transpose(self.group_norm(x).reshape(b, c, h * w), (0, 2, 1))  # (B, HW, C)
         q = self.to_q(t).reshape(b, h * w, 1, c)  # (B, HW, 1, C)
         k = self.to_k(t).reshape(b, h * w, 1, c)
         v = self.to_v(t).reshape(b, h * w, 1, c)
         out = backend.attention(q, k, v, None, self.scale, self.fused, compiled=self.compiled_kernel)  # (B, HW, 1, C)
         out = out.reshape(b, h * w, c)  # (B, HW, C)
-        out = mint.permute(self.to_out[0](out), (0, 2, 1)).reshape(b, c, h, w)  # (B, C, H, W)
+        out = ops.transpose(self.to_out[0](out), (0, 2, 1)).reshape(b, c, h, w)  # (B, C, H, W)
         return x + out
 
 
@@ -260,7 +263,7 @@ class Encoder(nn.Cell):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)  # (B, C_last, H/f, W/f)
-        return self.conv_out(mint.nn.functional.silu(self.conv_norm_out(x)))  # (B, 2 * latent, H/f, W/f)
+        return self.conv_out(self.conv_norm_out(x, True))  # (B, 2 * latent, H/f, W/f)
 
 
 class Decoder(nn.Cell):
@@ -286,7 +289,7 @@ class Decoder(nn.Cell):
         x = self.mid_block(self.conv_in(z))  # (B, C_last, h, w)
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(mint.nn.functional.silu(self.conv_norm_out(x)))  # (B, out_channels, h*f, w*f)
+        return self.conv_out(self.conv_norm_out(x, True))  # (B, out_channels, h*f, w*f)
 
 
 class DiagonalGaussian:
