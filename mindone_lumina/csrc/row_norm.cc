@@ -106,6 +106,10 @@ struct Blocks {
   int64_t unit, size, per_unit, count;  // rows per finest group, rows per block, blocks per unit, blocks
 
   explicit Blocks(const Norm &g) {
+    if (g.rows == 0) {  // an empty batch: no blocks
+      unit = size = per_unit = 1, count = 0;
+      return;
+    }
     unit = g.rows;
     if (g.scale) unit = std::min(unit, g.scale_rows);
     if (g.shift) unit = std::min(unit, g.shift_rows);
@@ -203,7 +207,7 @@ int backward(int nparam, void **params, int *ndims, int64_t **shapes, const char
   // the blocks' column sums into each output row, in row order; a missing input's gradient is zeros
   auto reduce = [&](float *out, int64_t out_numel, const float *present, int offset, int64_t rows_per) {
     std::fill(out, out + out_numel, 0.0f);
-    if (!present) return;
+    if (!present || g.rows == 0) return;
     const int64_t groups = g.rows / rows_per;
     std::vector<double> total(static_cast<size_t>(groups * n), 0.0);
     const int64_t blocks_per_group = blocks.count / groups;
