@@ -81,7 +81,7 @@ def run_case(spec: dict) -> dict:
         import mindspore as ms
         from mindspore import Tensor
 
-        from mindone_lumina import backend
+        from mindone_lumina import backend, convolution
         from mindone_lumina.components import load_vae
         from mindone_lumina.models.vae import Tiling
 
@@ -89,7 +89,7 @@ def run_case(spec: dict) -> dict:
             os.environ["MINDONE_LUMINA_CONV"] = spec["conv"]
         backend.set_device("CPU", convolutions=True)  # what tools/vae.py does
         ms.set_context(mode=ms.GRAPH_MODE)
-        kernel = backend.conv_kernel()
+        kernel = convolution.conv_kernel()
         model = load_vae(spec["weights"])
         tiling = Tiling(tile, 0.25) if tiled else None
         zm = Tensor(z)

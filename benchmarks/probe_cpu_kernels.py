@@ -6,7 +6,7 @@ Graph mode, fp32, 10 (matmul) or 9 (conv taps) products per graph, each on a dif
 compiler cannot merge them; the best of ``--repeats`` runs (one run of MindSpore's Conv2D, which can take seconds).
 Shapes are the project's: a Next-DiT FFN linear (4,096 tokens x 768 -> 3,072), attention products (12 heads x 1,024
 tokens x 64) and a VAE 3x3 conv (128 -> 128 channels at 128² px). MindSpore runs twice, each time in a fresh process:
-as oneDNN chooses, and capped at AVX2 (``ONEDNN_MAX_CPU_ISA``, what ``backend.favour_convolutions`` does without the
+as oneDNN chooses, and capped at AVX2 (``ONEDNN_MAX_CPU_ISA``, what ``convolution.favour_convolutions`` does without the
 compiled kernels), where its Conv2D leaves oneDNN's reference path. The compiled kernels (``cpu_kernels``: the conv on
 oneDNN's blocked layouts, a GroupNorm) run beside MindSpore's own, with the VAE's GroupNorm at 256² px. Then
 oneDNN's own report (``ONEDNN_VERBOSE=1``, in a subprocess) names the implementation MindSpore's native matmul and
@@ -88,7 +88,7 @@ def mindspore_rows(repeats: int) -> dict:
     image = Tensor(rng.standard_normal((1, CH, SIDE * SIDE), np.float32))
     taps = Tensor(rng.standard_normal((9, CH, CH), np.float32) * 0.05)
 
-    class Taps(nn.Cell):  # backend.conv2d's form: one (O, C) @ (B, C, HW) per tap (shifts left out)
+    class Taps(nn.Cell):  # convolution.conv2d's form: one (O, C) @ (B, C, HW) per tap (shifts left out)
         def construct(self, image, taps):
             y = 0
             for i in range(9):

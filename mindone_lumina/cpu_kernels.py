@@ -2,7 +2,7 @@
 SiLU), the attention's softmax and the RMSNorm / LayerNorm with their affine and adaLN modulation.
 
 MindSpore 2.10's CPU ``Conv2D`` hands oneDNN plain NCHW/OIHW memory, which on an AVX-512 processor sends a 3x3 conv to
-oneDNN's reference kernel (backend.py, "Convolution"), and its CPU ``GroupNorm`` with ``GroupNormGrad`` took 18x
+oneDNN's reference kernel (``convolution.py``), and its CPU ``GroupNorm`` with ``GroupNormGrad`` took 18x
 torch's time (a VAE training shape, benchmarks/README). ``csrc/onednn_conv.cc`` calls the same oneDNN (MindSpore's
 own ``libdnnl.so.3``) through its C API with the layouts left to oneDNN, as torch does, for the forward pass and both
 gradients; ``csrc/group_norm.cc`` is a GroupNorm, optionally with the SiLU after it, and its gradient;

@@ -14,7 +14,7 @@ from conftest import MODES, rel_err
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from mindone_lumina import backend, cpu_kernels
+from mindone_lumina import backend, convolution, cpu_kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(not backend.compiled_kernels(), reason="no C++ compiler: the portable path runs")
@@ -34,7 +34,7 @@ class Conv(nn.Cell):
         self.stride, self.padding = stride, padding
 
     def construct(self, x, weight, bias):
-        return backend.conv2d(x, weight, bias, self.stride, self.padding, kernel="onednn")
+        return convolution.conv2d(x, weight, bias, self.stride, self.padding, kernel="onednn")
 
 
 class Norm(nn.Cell):
@@ -284,9 +284,9 @@ def fresh(code: str, **env) -> subprocess.CompletedProcess:
 
 
 PROBE = """
-from mindone_lumina import backend
+from mindone_lumina import backend, convolution
 backend.set_device("CPU")
-print(backend.compiled_kernels(), backend.conv_kernel())
+print(backend.compiled_kernels(), convolution.conv_kernel())
 """
 
 

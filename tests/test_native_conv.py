@@ -1,4 +1,4 @@
-"""The CPU convolution kernels other than the compiled one (``backend.conv_kernel``): without the compiled kernels
+"""The CPU convolution kernels other than the compiled one (``convolution.conv_kernel``): without the compiled kernels
 (``MINDONE_LUMINA_CPU_KERNELS=0``), MindSpore's own Conv2D where oneDNN runs below AVX-512 and one matmul per kernel
 tap elsewhere.
 
@@ -30,18 +30,18 @@ def run(args, **env):
 PROBE = """
 import mindspore as ms
 from mindspore import Tensor, ops
-from mindone_lumina import backend
+from mindone_lumina import backend, convolution
 from mindone_lumina.models.vae import AutoencoderKL, VAEConfig
 
 ms.set_device("CPU")
 if {op_first}:
     ops.add(Tensor([1.0]), Tensor([1.0])).asnumpy()
-favoured = backend.favour_convolutions() if {favour} else None
-isa = backend._onednn().dnnl_get_effective_cpu_isa()
+favoured = convolution.favour_convolutions() if {favour} else None
+isa = convolution._onednn().dnnl_get_effective_cpu_isa()
 kernels = [c.kernel for _, c in AutoencoderKL(VAEConfig(block_out_channels=(8,), norm_num_groups=4)).cells_and_names()
            if hasattr(c, "kernel")]
-native = backend.conv_kernel() == "framework"
-print(favoured != "taps" if {favour} else None, native, isa, len(kernels), set(kernels) == {{backend.conv_kernel()}})
+chosen = convolution.conv_kernel()
+print(favoured != "taps" if {favour} else None, chosen == "framework", isa, len(kernels), set(kernels) == {{chosen}})
 """
 
 

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 import mindspore as ms
 from mindspore import Tensor
 
-from mindone_lumina import backend, training
+from mindone_lumina import convolution, training
 from mindone_lumina.components import load_vae
 from mindone_lumina.training import vae as vae_training
 
@@ -75,7 +75,7 @@ def test_loss_and_gradients_match_diffusers(reference, mode):
 
 def test_pad2d_is_zero_padding():
     x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
-    out = backend.pad2d(Tensor(x), 1, 2, 0, 3).asnumpy()
+    out = convolution.pad2d(Tensor(x), 1, 2, 0, 3).asnumpy()
     assert np.array_equal(out, np.pad(x, ((0, 0), (0, 0), (0, 3), (1, 2))))
 
 
@@ -107,7 +107,7 @@ def test_vae_trains_resumes_and_exports(tmp_path, images, capsys):
     """Mid-run resume is bit-exact for every model in the shared loop (tests/test_training.py); what is the VAE's own
     here: it learns, its checkpoint loads back whole, and its batches (images and posterior noise) are a function of
     the step alone, which is what makes a resumed run equal a straight one."""
-    # straight through the CLI, 24 steps (a graph holding ops.pad hung on its 18th run; backend.pad2d)
+    # straight through the CLI, 24 steps (a graph holding ops.pad hung on its 18th run; convolution.pad2d)
     straight = vae_recipe(tmp_path / "a", images, log_every=1)
     load_tool("train_vae").main(["--config", straight, "--export", str(tmp_path / "exported")])
     printed = capsys.readouterr().out.splitlines()

@@ -7,8 +7,9 @@ Parameter names are the diffusers names, so checkpoints load by identity. Deviat
 * Only the ``AutoencoderKL`` used by SD/SDXL: ``DownEncoderBlock2D``/``UpDecoderBlock2D``, SiLU, GroupNorm; no spatial
   norm, no gradient checkpointing, no tiled *encoding*, no slicing (the batch is decoded in one call).
 * GroupNorm statistics and the attention softmax run in fp32 whatever the parameter dtype.
-* Convolutions go through ``backend.conv2d`` with the kernel ``backend.conv_kernel`` chose: the framework kernel on
-  Ascend, oneDNN custom ops or MindSpore's kernel or per-tap matmuls on CPU; the results agree to fp32 rounding.
+* Convolutions go through ``convolution.conv2d`` with the kernel ``convolution.conv_kernel`` chose: the framework
+  kernel on Ascend, oneDNN custom ops or MindSpore's kernel or per-tap matmuls on CPU; the results agree to fp32
+  rounding.
 * Tiled decoding places equal-size tiles evenly over the latent (one compiled shape) and blends every overlap with
   linear weights that sum to one; diffusers' ``tiled_decode`` uses ragged edge tiles and crops. The two agree with the
   untiled decode to a similar degree, not with each other.
@@ -26,7 +27,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn, ops
 from mindspore.common.initializer import HeUniform, initializer
 
-from .. import backend
+from .. import backend, convolution
 from .layers import linear
 
 
@@ -94,7 +95,8 @@ class Tiling:
 # Layers
 # ------------------------------------------------------------------------------------------------------------------
 class Conv2d(nn.Cell):
-    """torch ``Conv2d`` (square kernel, zero padding) with torch's parameter layout, computed by ``backend.conv2d``."""
+    """torch ``Conv2d`` (square kernel, zero padding) with torch's parameter layout, computed by
+    ``convolution.conv2d``."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0):
         super().__init__()
@@ -102,10 +104,10 @@ class Conv2d(nn.Cell):
         self.weight = Parameter(initializer(HeUniform(negative_slope=math.sqrt(5)), shape, ms.float32))  # torch's
         self.bias = Parameter(initializer("zeros", (out_ch,), ms.float32))
         self.stride, self.padding = stride, padding
-        self.kernel = backend.conv_kernel()
+        self.kernel = convolution.conv_kernel()
 
     def construct(self, x):
-        return backend.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.kernel)
+        return convolution.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.kernel)
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> Conv2d:
@@ -184,7 +186,7 @@ class Downsample2D(nn.Cell):
         self.conv = _conv(channels, channels, 3, stride=2)
 
     def construct(self, x):
-        return self.conv(backend.pad2d(x, 0, 1, 0, 1))  # (B, C, H/2, W/2)
+        return self.conv(convolution.pad2d(x, 0, 1, 0, 1))  # (B, C, H/2, W/2)
 
 
 class Upsample2D(nn.Cell):

@@ -139,7 +139,7 @@ def check_run(cfg: Recipe, export: str | None) -> None:
 def run_tool(description: str, recipe_cls, train_fn, export_fn, argv=None, convolutions: bool = False) -> None:
     """The command line of a training tool (``tools/train.py``, ``tools/train_vae.py``): a YAML recipe with
     overrides, the device, msrun data parallel, and an export of the result by rank 0. ``convolutions``: the model is
-    mostly convolutions (``backend.favour_convolutions``)."""
+    mostly convolutions (``convolution.favour_convolutions``)."""
     args = vars(tool_parser(description, recipe_cls).parse_args(argv))
     overrides = {k: args.pop(k) for k in ("output", "data", "steps", "init") if k in args}
     cfg = recipe_cls.from_yaml(args["config"], **overrides)
