@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <string>
 #include <vector>
 
 #include "rows.h"
@@ -49,8 +48,7 @@ struct Shape {
 
 bool shape_of(int nparam, int expected, int *ndims, int64_t **shapes, const char **dtypes, int conf, Shape &s) {
   if (nparam != expected || ndims[0] < 2 || ndims[conf] != 2 || shapes[conf][1] != 2) return false;
-  for (int i = 0; i < nparam; ++i)
-    if (std::string(dtypes[i]) != "float32") return false;
+  if (!all_float32(nparam, dtypes)) return false;
   s.batch = shapes[0][0], s.channels = shapes[0][1], s.spatial = 1, s.groups = shapes[conf][0];
   for (int d = 2; d < ndims[0]; ++d) s.spatial *= shapes[0][d];
   return s.groups > 0 && s.channels % s.groups == 0;

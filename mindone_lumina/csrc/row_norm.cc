@@ -21,7 +21,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <string>
 #include <vector>
 
 #include "rows.h"
@@ -58,9 +57,7 @@ struct Norm {
   int64_t scale_rows = 0, shift_rows = 0;  // rows per group
 
   bool parse(int nparam, int expected, void **params, int *ndims, int64_t **shapes, const char **dtypes, int first) {
-    if (nparam != expected || ndims[0] < 1) return false;
-    for (int i = 0; i < nparam; ++i)
-      if (std::string(dtypes[i]) != "float32") return false;
+    if (nparam != expected || ndims[0] < 1 || !all_float32(nparam, dtypes)) return false;
     const int conf_at = expected - (first == 0 ? 3 : 5);  // forward: x w s c conf y rstd; backward: ... conf dx dw ds dc
     if (numel(ndims[conf_at], shapes[conf_at]) != 5) return false;
     const float *conf = static_cast<const float *>(params[conf_at]);

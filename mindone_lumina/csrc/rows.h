@@ -1,6 +1,6 @@
-// Kernels over the rows of a float32 tensor's last axis (softmax.cc, row_norm.cc): argument checks, the spread of
-// rows over threadpool.h, and CLONES, which builds a row function for AVX-512, AVX2 and the baseline, chosen at load
-// time (the loops are plain float code the compiler vectorises).
+// What the norm and softmax kernels share (softmax.cc, row_norm.cc, group_norm.cc): argument checks, the spread of a
+// last axis's rows over threadpool.h, CLONES, which builds a row function for AVX-512, AVX2 and the baseline, chosen
+// at load time (the loops are plain float code the compiler vectorises), and exp / sigmoid that vectorise in them.
 #pragma once
 
 #include <algorithm>
@@ -16,13 +16,18 @@
 #define CLONES
 #endif
 
+// whether every one of the nparam inputs and outputs is float32
+inline bool all_float32(int nparam, const char **dtypes) {
+  for (int i = 0; i < nparam; ++i)
+    if (std::string(dtypes[i]) != "float32") return false;
+  return true;
+}
+
 // (number of rows, row length n) of the first input, or false for an input count, shape or dtype the kernel does not
 // take (every input float32)
 inline bool rows_of(int nparam, int expected, int *ndims, int64_t **shapes, const char **dtypes, int64_t &rows,
                     int64_t &n) {
-  if (nparam != expected || ndims[0] < 1) return false;
-  for (int i = 0; i < nparam; ++i)
-    if (std::string(dtypes[i]) != "float32") return false;
+  if (nparam != expected || ndims[0] < 1 || !all_float32(nparam, dtypes)) return false;
   n = shapes[0][ndims[0] - 1], rows = 1;
   for (int d = 0; d + 1 < ndims[0]; ++d) rows *= shapes[0][d];
   return n > 0;
